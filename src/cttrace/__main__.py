@@ -1,0 +1,5 @@
+"""``python -m cttrace`` runs the CLI."""
+
+from cttrace.cli import main
+
+main()
