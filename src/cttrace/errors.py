@@ -14,7 +14,9 @@ class UserError(Exception):
 
 class NotRootError(UserError):
     def __init__(self, what: str) -> None:
-        super().__init__(f"{what} needs root (CAP_NET_ADMIN/CAP_SYS_ADMIN): run it with sudo or as root")
+        super().__init__(
+            f"{what} needs root (CAP_NET_ADMIN/CAP_SYS_ADMIN): run it with sudo or as root"
+        )
 
 
 class SourceError(UserError):

@@ -48,7 +48,7 @@ class ServiceRef:
 
 @dataclass(frozen=True, slots=True)
 class Ownership:
-    """One stretch of time during which ``pod`` held an IP: ``[since, until)``; until=None: still."""
+    """A stretch of time ``[since, until)`` during which ``pod`` held an IP; until=None: still."""
 
     pod: PodRef
     since: float

@@ -20,7 +20,8 @@ class SourceStats:
     lost: int = 0  # events the source knows it missed (ENOBUFS, perf buffer)
     resyncs: int = 0  # table dumps after loss
     filtered: int = 0  # events seen but dropped as irrelevant (non-TCP, un-NATed)
-    extra: dict[str, int] = field(default_factory=dict)  # source-specific counters (kretprobe misses)
+    # source-specific counters (kretprobe misses, ...)
+    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Source(Protocol):
