@@ -426,8 +426,10 @@ class Correlator:
             if gone_at is None:
                 done.append(entry_id)  # chosen pod still holds the IP
                 continue
-            if identity.owner_at(ip, now) is not None:
-                done.append(entry_id)  # the IP has a new owner: wrong-pod territory
+            if identity.owner_at(ip, now) is not None or (
+                entry.replied is not None and entry.replied >= gone_at
+            ):
+                done.append(entry_id)  # someone holds or answered on the IP: wrong-pod territory
                 continue
             if now - gone_at < self.settings.dead_after:
                 continue  # keep watching

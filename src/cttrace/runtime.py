@@ -1,0 +1,200 @@
+"""The loop that wires a source, identity, the correlator and sinks together.
+
+One thread does everything on the event path: wait on the source's fd (with a
+short timeout so time-driven rules still fire), feed what is ready to the
+correlator, poll identity (a file follower or the API watcher's queue, both
+non-blocking), hand findings to the sinks. Sinks that talk to the network
+(Alertmanager) queue and never block this loop.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from cttrace.correlator import Correlator
+from cttrace.events import CtEvent, Event
+from cttrace.findings import Finding
+from cttrace.sources import Source
+
+
+class IdentityPoller(Protocol):
+    """Something that applies pending identity changes to the index when polled."""
+
+    def poll(self) -> int: ...
+
+    @property
+    def in_sync(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Status:
+    """What the status line and the status JSON lines show."""
+
+    ts: float
+    source: str
+    events: int
+    events_per_s: float
+    lost: int
+    tracked: int
+    findings: int
+    identity: str  # "none", "syncing", "in sync"
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        from cttrace.findings import rfc3339
+
+        out: dict[str, object] = {
+            "kind": "status",
+            "ts": rfc3339(self.ts),
+            "source": self.source,
+            "events": self.events,
+            "events_per_s": round(self.events_per_s, 1),
+            "lost": self.lost,
+            "tracked": self.tracked,
+            "findings": self.findings,
+            "identity": self.identity,
+        }
+        out.update(self.extra)
+        return out
+
+
+class Sink(Protocol):
+    def finding(self, finding: Finding) -> None: ...
+
+    def event(self, event: Event) -> None: ...
+
+    def status(self, status: Status) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Summary:
+    events: int
+    lost: int
+    findings: Counter[str]
+    seconds: float
+
+
+class Pipeline:
+    def __init__(
+        self,
+        source: Source,
+        correlator: Correlator,
+        sinks: Sequence[Sink],
+        identity: Sequence[IdentityPoller] = (),
+        *,
+        clock: Callable[[], float] = time.time,
+        tick_s: float = 0.1,
+        status_s: float = 1.0,
+        on_finding: Callable[[Finding], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.correlator = correlator
+        self.sinks = list(sinks)
+        self.identity = list(identity)
+        self.clock = clock
+        self.tick_s = tick_s
+        self.status_s = status_s
+        self.on_finding = on_finding
+        self.findings: Counter[str] = Counter()
+        self._events = 0
+        self._rate_mark = (0.0, 0)
+        self._rate = 0.0
+
+    @property
+    def identity_state(self) -> str:
+        if not self.identity:
+            return "none"
+        return "in sync" if all(p.in_sync for p in self.identity) else "syncing"
+
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        ready_file: Path | None = None,
+        duration: float | None = None,
+    ) -> Summary:
+        """Run until ``stop`` is set (or ``duration`` passes). The source must be open."""
+        start = self.clock()
+        self._rate_mark = (start, 0)
+        fd = self.source.fileno()
+        for poller in self.identity:
+            poller.poll()
+        if ready_file is not None:
+            ready_file.write_text(f"{self.source.name}\n")
+        next_tick = next_status = start
+        self._emit_status(start)
+        while not stop.is_set():
+            now = self.clock()
+            if duration is not None and now - start >= duration:
+                break
+            timeout = max(0.0, min(next_tick, next_status) - now)
+            readable, _, _ = select.select([fd], [], [], timeout)
+            if readable:
+                self._dispatch(self.source.read())
+            now = self.clock()
+            if now >= next_tick:
+                for poller in self.identity:
+                    poller.poll()
+                self._emit(self.correlator.tick(now))
+                next_tick = now + self.tick_s
+            if now >= next_status:
+                self._emit_status(now)
+                next_status = now + self.status_s
+        # Let rules waiting on the clock see the final moment.
+        self._emit(self.correlator.tick(self.clock()))
+        stats = self.source.stats()
+        return Summary(
+            events=self._events, lost=stats.lost, findings=self.findings,
+            seconds=self.clock() - start,
+        )
+
+    def _dispatch(self, events: list[Event]) -> None:
+        if not events:
+            return
+        now = self.clock()
+        feed = self.correlator.feed
+        self._events += len(events)
+        for ev in events:
+            found = feed(ev, now)
+            if isinstance(ev, CtEvent):
+                for sink in self.sinks:
+                    sink.event(ev)
+            if found:
+                self._emit(found)
+
+    def _emit(self, found: list[Finding]) -> None:
+        for finding in found:
+            self.findings[str(finding.rule)] += 1
+            if self.on_finding is not None:
+                self.on_finding(finding)
+            for sink in self.sinks:
+                sink.finding(finding)
+
+    def _emit_status(self, now: float) -> None:
+        mark_t, mark_n = self._rate_mark
+        if now - mark_t >= 0.5:
+            self._rate = (self._events - mark_n) / (now - mark_t)
+            self._rate_mark = (now, self._events)
+        stats = self.source.stats()
+        status = Status(
+            ts=now,
+            source=self.source.name,
+            events=self._events,
+            events_per_s=self._rate,
+            lost=stats.lost,
+            tracked=len(self.correlator.entries),
+            findings=sum(self.findings.values()),
+            identity=self.identity_state,
+            extra=dict(stats.extra),
+        )
+        for sink in self.sinks:
+            sink.status(status)

@@ -1,0 +1,1 @@
+"""Where findings go: the terminal, JSON lines, Alertmanager, metrics."""

@@ -1,0 +1,128 @@
+"""The interactive ``cttrace watch`` view (rich): flows, findings, a status line.
+
+It redraws only from the pipeline's own thread (on status ticks and findings),
+so it reads the correlator's tables without locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from cttrace.correlator import Correlator, Entry
+from cttrace.events import Event, state_name, status_names
+from cttrace.filters import Filter
+from cttrace.findings import Finding, Severity
+from cttrace.identity.model import IdentityView, PodRef, ServiceRef
+from cttrace.runtime import Status
+
+_SEVERITY_STYLE = {Severity.CRITICAL: "bold white on red", Severity.WARNING: "bold yellow",
+                   Severity.INFO: "cyan"}
+_MAX_ROWS = 15
+_MAX_FINDINGS = 8
+
+
+class LiveView:
+    def __init__(self, correlator: Correlator, identity: IdentityView | None,
+                 flt: Filter | None = None, console: Console | None = None) -> None:
+        self.correlator = correlator
+        self.identity = identity
+        self.filter = flt or Filter()
+        self.console = console or Console()
+        self.recent: deque[Finding] = deque(maxlen=_MAX_FINDINGS)
+        self._status: Status | None = None
+        self._live = Live(console=self.console, auto_refresh=False, transient=False)
+        self._live.start()
+
+    def finding(self, finding: Finding) -> None:
+        if self.filter.finding(finding):
+            self.recent.append(finding)
+            self._redraw()
+
+    def event(self, event: Event) -> None:
+        pass  # the table is drawn from the correlator's entries
+
+    def status(self, status: Status) -> None:
+        self._status = status
+        self._redraw()
+
+    def close(self) -> None:
+        self._redraw()
+        self._live.stop()
+
+    def _redraw(self) -> None:
+        self._live.update(Group(self._flows(), self._findings(), self._status_line()),
+                          refresh=True)
+
+    def _name(self, ip: str, port: int, t: float) -> str:
+        owner = self.identity.owner_at(ip, t) if self.identity else None
+        return str(owner) if owner is not None else f"{ip}:{port}"
+
+    def _flows(self) -> Table:
+        table = Table(title="NATed TCP flows", expand=True, title_justify="left")
+        for col in ("client", "service", "backend", "state", "age", "flags"):
+            table.add_column(col, no_wrap=True)
+        now = time.time()
+        rows: list[Entry] = []
+        for entry in reversed(self.correlator.entries.values()):
+            if self._show(entry, now):
+                rows.append(entry)
+                if len(rows) >= _MAX_ROWS:
+                    break
+        for entry in rows:
+            t = entry.created or entry.last_seen
+            service: ServiceRef | None = (
+                self.identity.service_for(entry.orig.dst, entry.orig.dport, t)
+                if self.identity else None
+            )
+            unreplied = entry.replied is None
+            table.add_row(
+                self._name(entry.orig.src, entry.orig.sport, t),
+                str(service) if service else f"{entry.orig.dst}:{entry.orig.dport}",
+                self._name(entry.target[0], entry.target[1], entry.replied or now),
+                Text(state_name(entry.state), style="yellow" if unreplied else "green"),
+                f"{now - t:5.1f}s",
+                " ".join(status_names(entry.status)),
+            )
+        return table
+
+    def _show(self, entry: Entry, now: float) -> bool:
+        if self.filter.empty:
+            return True
+        t = entry.created or entry.last_seen
+        ident = self.identity
+        client: PodRef | None = ident.owner_at(entry.orig.src, t) if ident else None
+        backend: PodRef | None = ident.owner_at(entry.target[0], t) if ident else None
+        service = ident.service_for(entry.orig.dst, entry.orig.dport, t) if ident else None
+        return self.filter.flow((entry.orig.src, entry.orig.dst, entry.target[0]), client,
+                                service, backend)
+
+    def _findings(self) -> Table:
+        table = Table(title="findings", expand=True, title_justify="left", show_lines=False)
+        table.add_column("time", no_wrap=True)
+        table.add_column("rule", no_wrap=True)
+        table.add_column("what happened")
+        for f in reversed(self.recent):
+            table.add_row(
+                time.strftime("%H:%M:%S", time.localtime(f.ts)),
+                Text(f"{f.rule} {f.severity}", style=_SEVERITY_STYLE[f.severity]),
+                f.summary,
+            )
+        return table
+
+    def _status_line(self) -> Text:
+        s = self._status
+        if s is None:
+            return Text("attaching...", style="dim")
+        extra = "".join(f"  {k} {v}" for k, v in s.extra.items())
+        return Text(
+            f"source {s.source}  events {s.events} ({s.events_per_s:.0f}/s)  lost {s.lost}  "
+            f"tracked {s.tracked}  findings {s.findings}  identity {s.identity}{extra}  "
+            "(Ctrl-C to stop)",
+            style="bold red" if s.lost else "dim",
+        )

@@ -1,0 +1,57 @@
+"""``--source auto|netlink|bpf``: open the source a user asked for, or the best one that works.
+
+``auto`` prefers the BCC source (socket identity, in-kernel filtering) and falls
+back to ctnetlink with one line saying exactly why.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cttrace.errors import SourceError, UserError
+from cttrace.sources import Source
+
+KINDS = ("auto", "netlink", "bpf")
+
+
+def netns_inode(netns: str) -> int:
+    """Inode of a named network namespace (what ``ct->ct_net->ns.inum`` holds)."""
+    path = netns if netns.startswith("/") else f"/var/run/netns/{netns}"
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        raise UserError(f"network namespace {netns!r} not found ({path} does not exist; "
+                        "`ip netns list` shows the names)") from None
+
+
+def _open_netlink(netns: str | None) -> Source:
+    from cttrace.sources.netlink import NetlinkSource
+
+    src = NetlinkSource(netns=netns)
+    src.open()
+    return src
+
+
+def _open_bpf(netns: str | None) -> Source:
+    from cttrace.sources.bpf import BpfSource
+
+    src: Source = BpfSource(netns_ino=netns_inode(netns) if netns else None)
+    src.open()
+    return src
+
+
+def open_source(kind: str, netns: str | None) -> tuple[Source, str | None]:
+    """Open and return ``(source, note)``; ``note`` says why ``auto`` fell back, else None."""
+    if kind == "netlink":
+        return _open_netlink(netns), None
+    if kind == "bpf":
+        return _open_bpf(netns), None
+    if kind != "auto":
+        raise UserError(f"unknown source {kind!r}: choose from {', '.join(KINDS)}")
+    try:
+        return _open_bpf(netns), None
+    except SourceError as err:
+        reason = str(err)
+    except ImportError as err:  # bcc not installed
+        reason = f"BCC is not installed ({err}; apt install python3-bpfcc)"
+    return _open_netlink(netns), f"bpf source unavailable: {reason}; using netlink"

@@ -1,0 +1,117 @@
+"""``cttrace watch``: one source, identity, the correlator and a terminal or JSON sink.
+
+Kept apart from the CLI so the demo (and tests) can run the same wiring
+in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cttrace.correlator import Correlator, Settings
+from cttrace.filters import Filter
+from cttrace.findings import Finding, rfc3339
+from cttrace.runtime import IdentityPoller, Pipeline, Sink, Summary
+from cttrace.sources.select import open_source
+
+
+@dataclass(slots=True)
+class WatchOptions:
+    source: str = "auto"
+    netns: str | None = None
+    identity_file: Path | None = None
+    output: str = "auto"  # auto | table | json
+    namespaces: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)
+    ips: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+    late_after: float = 3.0
+    identity_grace: float = 5.0
+    dead_after: float = 5.0
+    flows: bool = False
+    duration: float | None = None
+    ready_file: Path | None = None
+
+
+def _warn(msg: str) -> None:
+    print(f"cttrace: {msg}", file=sys.stderr, flush=True)
+
+
+def build_identity(identity_file: Path | None) -> tuple[object | None, list[IdentityPoller]]:
+    """The index and what feeds it (a followed file for now)."""
+    if identity_file is None:
+        return None, []
+    from cttrace.identity.follow import IdentityFileFollower
+    from cttrace.identity.index import IdentityIndex
+
+    index = IdentityIndex()
+
+    def on_error(lineno: int, message: str) -> None:
+        _warn(f"{identity_file}:{lineno}: skipped: {message}")
+
+    follower = IdentityFileFollower(identity_file, index, on_error=on_error)
+    return index, [follower]
+
+
+def run_watch(
+    opts: WatchOptions,
+    stop: threading.Event,
+    *,
+    on_finding: Callable[[Finding], None] | None = None,
+    narrate: Callable[[str], None] | None = None,
+) -> Summary:
+    flt = Filter.build(namespaces=opts.namespaces, services=opts.services, ips=opts.ips,
+                       rules=opts.rules)
+    index, pollers = build_identity(opts.identity_file)
+    settings = Settings(late_after=opts.late_after, identity_grace=opts.identity_grace,
+                        dead_after=opts.dead_after)
+    correlator = Correlator(settings, identity=index)  # type: ignore[arg-type]
+    table = opts.output == "table" or (opts.output == "auto" and sys.stdout.isatty())
+    source, note = open_source(opts.source, opts.netns)
+    json_sink = None
+    sinks: list[Sink] = []
+    try:
+        if note:
+            _warn(note)
+        if table:
+            from cttrace.sinks.live import LiveView
+
+            sinks.append(LiveView(correlator, index, flt))  # type: ignore[arg-type]
+        else:
+            from cttrace.sinks.jsonl import JsonLinesSink
+
+            json_sink = JsonLinesSink(sys.stdout.buffer, flt, flows=opts.flows)
+            json_sink.note({"kind": "source", "ts": rfc3339(time.time()), "source": source.name,
+                            "netns": opts.netns, "fallback": note})
+            sinks.append(json_sink)
+        pipeline = Pipeline(source, correlator, sinks, pollers, on_finding=on_finding,
+                            status_s=0.5 if table else 1.0)
+        summary = pipeline.run(stop, ready_file=opts.ready_file, duration=opts.duration)
+    finally:
+        for sink in sinks:
+            sink.close()
+        source.close()
+        if opts.ready_file is not None:
+            opts.ready_file.unlink(missing_ok=True)
+    _report(summary, json_sink)
+    return summary
+
+
+def _report(summary: Summary, json_sink: object | None) -> None:
+    by_rule = dict(sorted(summary.findings.items()))
+    if json_sink is not None:
+        from cttrace.sinks.jsonl import JsonLinesSink
+
+        assert isinstance(json_sink, JsonLinesSink)
+        json_sink.note({"kind": "summary", "ts": rfc3339(time.time()), "events": summary.events,
+                        "lost": summary.lost, "findings": by_rule,
+                        "seconds": round(summary.seconds, 3)})
+        return
+    found = ", ".join(f"{n} {rule}" for rule, n in by_rule.items()) or "no findings"
+    print(f"cttrace: {summary.seconds:.0f}s, {summary.events} events, {summary.lost} lost, "
+          f"{found}", file=sys.stderr)
