@@ -45,6 +45,22 @@ class OutputKind(enum.StrEnum):
     json = "json"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from cttrace import __version__
+
+        typer.echo(f"cttrace {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Catch what conntrack does behind Kubernetes' back."""
+
+
 def _fail(err: UserError) -> typer.Exit:
     typer.echo(f"cttrace: error: {err}", err=True)
     return typer.Exit(err.exit_code)
