@@ -167,6 +167,53 @@ def watch(
         raise _fail(err) from None
 
 
+@app.command()
+def explain(
+    findings: Annotated[Path, typer.Argument(
+        help="A file of JSON lines from `cttrace watch -o json` or the agent's log; - for stdin.",
+        allow_dash=True)],
+    tuple_: Annotated[str | None, typer.Option(
+        "--tuple", help="Only the entry of this client tuple: SRC:SPORT or "
+        "SRC:SPORT->DST:DPORT.")] = None,
+    entry: Annotated[int | None, typer.Option("--entry", help="Only this conntrack entry id.")
+                     ] = None,
+    rule: Annotated[str | None, typer.Option("--rule", help="Only findings of this rule.")
+                    ] = None,
+    output: Annotated[OutputKind, typer.Option(
+        "--output", "-o", help="table (text timeline) or json (one timeline per line).")
+    ] = OutputKind.table,
+) -> None:
+    """Tell the story of a finding's conntrack entry as a timeline: created, DNAT target's
+    owner gone, IP reassigned, first reply, finding."""
+    import orjson
+
+    from cttrace.explain import matches, read_findings, render, timeline
+
+    try:
+        if str(findings) == "-":
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            try:
+                lines = findings.read_bytes().splitlines()
+            except OSError as err:
+                raise UserError(f"cannot read {findings}: {err.strerror}") from None
+        chosen = [f for f in read_findings(lines, str(findings))
+                  if matches(f, tuple_text=tuple_, entry_id=entry, rule=rule)]
+        if not chosen:
+            raise UserError(f"no finding in {findings} matches")
+        for i, f in enumerate(chosen):
+            steps = timeline(f)
+            if output == OutputKind.json:
+                typer.echo(orjson.dumps({"entry_id": f.get("entry_id"),
+                                         "steps": [s.to_json() for s in steps]}).decode())
+            else:
+                if i:
+                    typer.echo("")
+                typer.echo(render(steps))
+    except UserError as err:
+        raise _fail(err) from None
+
+
 def _mount(name: str, loader: Callable[[], typer.Typer], help_text: str) -> None:
     try:
         sub = loader()

@@ -30,7 +30,7 @@ from cttrace.events import (
     TcpState,
     state_name,
 )
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding, Rule, Severity, rfc3339
 from cttrace.identity.model import IdentityView, PodRef, ServiceRef
 
 _SEEN_REPLY = int(CtStatus.SEEN_REPLY)
@@ -341,6 +341,8 @@ class Correlator:
         endpoint: bool | None,
     ) -> Finding:
         assert entry.created is not None
+        identity = self.identity
+        assert identity is not None
         client, service, _ = self._names(entry, entry.created)
         severity = Severity.CRITICAL if endpoint is False else Severity.WARNING
         where = f"{entry.target[0]}:{entry.target[1]}"
@@ -376,6 +378,7 @@ class Correlator:
                 "source": entry.source,
                 "new_owner_is_endpoint": endpoint,
                 "identity": "known" if new is not None else "unknown",
+                "target_history": _history(identity, entry.target[0], entry.created, now),
             },
         )
 
@@ -440,7 +443,10 @@ class Correlator:
             self._dead_watch.pop(entry_id, None)
 
     def _dead_endpoint(self, entry: Entry, chosen: PodRef, gone_at: float, now: float) -> Finding:
-        client, service, _ = self._names(entry, entry.created or entry.last_seen)
+        identity = self.identity
+        assert identity is not None
+        chosen_at = entry.created or entry.last_seen
+        client, service, _ = self._names(entry, chosen_at)
         state = state_name(entry.state)
         summary = (
             f"{_who(client, entry.orig.src)} -> {_svc(service, entry.orig)}: the conntrack entry "
@@ -465,6 +471,7 @@ class Correlator:
                 "source": entry.source,
                 "state": state,
                 "owner_gone_s": round(now - gone_at, 3),
+                "target_history": _history(identity, entry.target[0], chosen_at, now),
             },
         )
 
@@ -648,6 +655,16 @@ def _ownership_end(identity: IdentityView, ip: str, pod: PodRef, t: float) -> fl
     """When ``pod`` stopped holding ``ip`` (latest stretch begun by ``t``); None: it holds it."""
     ends = [o.until for o in identity.ownerships(ip) if o.pod.uid == pod.uid and o.since <= t]
     return ends[-1] if ends else None
+
+
+def _history(identity: IdentityView, ip: str, t0: float, t1: float) -> list[dict[str, object]]:
+    """Who held ``ip`` around ``[t0, t1]``: the story ``cttrace explain`` tells."""
+    return [
+        {"pod": o.pod.to_json(), "since": rfc3339(o.since),
+         "until": rfc3339(o.until) if o.until is not None else None}
+        for o in identity.ownerships(ip)
+        if o.since <= t1 and (o.until is None or o.until >= t0)
+    ]
 
 
 def _who(client: PodRef | None, ip: str) -> str:
