@@ -1,0 +1,381 @@
+"""ctnetlink wire format: decode conntrack messages, build the dump request and the socket filter.
+
+Pure functions over bytes, no sockets, so that the decoder is unit-tested
+against messages recorded from a real kernel (tests/unit/data/ctnetlink/) and
+benchmarked on its own (bench/bench_decode.py).
+
+It is hand-written rather than pyroute2's generic ``nfct_msg`` parser because
+it runs once per kernel event on the hot path: it reads only the attributes
+cttrace uses, checks the cheap NAT/TCP filter before it builds any strings,
+and allocates nothing per attribute beyond ``struct.unpack_from``'s tuple.
+bench/bench_decode.py measures the difference.
+
+Layout reminders (include/uapi/linux/netlink.h, netfilter/nfnetlink.h,
+netfilter/nfnetlink_conntrack.h): each message is a ``struct nlmsghdr`` (host
+byte order) + ``struct nfgenmsg`` + netlink attributes. Attribute headers are
+host byte order; ctnetlink puts every integer *value* in network byte order
+(``nla_put_be16/be32``), except the u8 protocol number and TCP state.
+"""
+
+from __future__ import annotations
+
+import socket
+from struct import Struct
+from typing import NamedTuple
+
+from cttrace.events import NAT_MASK, CtEvent, CtKind, Flow
+
+# --- netlink (include/uapi/linux/netlink.h) ---------------------------------
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
+NLMSG_HDRLEN = 16
+
+# --- nfnetlink (include/uapi/linux/netfilter/nfnetlink.h) -------------------
+NFNETLINK_V0 = 0
+NFNL_SUBSYS_CTNETLINK = 1
+NFGENMSG_LEN = 4
+#: Offset of the first attribute in a ctnetlink message.
+ATTRS_OFFSET = NLMSG_HDRLEN + NFGENMSG_LEN
+
+#: Multicast groups (enum nfnetlink_groups) the event socket joins.
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+
+# --- ctnetlink (include/uapi/linux/netfilter/nfnetlink_conntrack.h) ---------
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+MSG_CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+MSG_CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+MSG_CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+_ENTRY_MESSAGES = frozenset((MSG_CT_NEW, MSG_CT_DELETE))
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_MARK = 8
+CTA_ID = 12
+CTA_ZONE = 18
+
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+_SRC_ADDRS = frozenset((CTA_IP_V4_SRC, CTA_IP_V6_SRC))
+_DST_ADDRS = frozenset((CTA_IP_V4_DST, CTA_IP_V6_DST))
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+
+IPPROTO_TCP = 6
+
+_NLMSGHDR = Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
+_NFGENMSG = Struct("=BBH")  # nfgen_family, version, res_id (already big-endian: 0 here)
+_NLA = Struct("=HH")  # nla_len, nla_type
+_ERRNO = Struct("=i")  # struct nlmsgerr.error: 0 (ACK) or -errno
+_U8 = Struct("B")
+_BE16 = Struct(">H")
+_BE32 = Struct(">I")
+
+_nlmsghdr = _NLMSGHDR.unpack_from
+_nla = _NLA.unpack_from
+_u8 = _U8.unpack_from
+_be16 = _BE16.unpack_from
+_be32 = _BE32.unpack_from
+_ntop = socket.inet_ntop
+_AF_INET = socket.AF_INET
+_AF_INET6 = socket.AF_INET6
+
+
+class Decoded(NamedTuple):
+    """What one buffer of netlink messages held."""
+
+    events: list[CtEvent]  # relevant entries (TCP with a NAT status bit), in buffer order
+    filtered: int  # well-formed conntrack messages dropped: not TCP, or no NAT bit
+    malformed: int  # messages skipped because truncated or inconsistent
+    done: bool  # NLMSG_DONE seen: a dump finished
+    errno: int  # first error from an NLMSG_ERROR (positive errno); 0 when none
+
+
+def decode_messages(
+    buf: bytes | bytearray | memoryview, ts: float, *, dump: bool = False
+) -> Decoded:
+    """Decode every netlink message in ``buf`` (one or more ``recv()`` results laid end to end).
+
+    Event messages become NEW (``IPCTNL_MSG_CT_NEW`` with ``NLM_F_CREATE``, set
+    by ctnetlink_conntrack_event for IPCT_NEW/IPCT_RELATED), UPDATE (CT_NEW
+    without it) or DESTROY (``IPCTNL_MSG_CT_DELETE``). With ``dump=True`` the
+    CT_NEW replies of a table dump become :attr:`CtKind.DUMP`. Every event of
+    the buffer gets the same ``ts``. Messages are stepped over at their
+    NLMSG_ALIGN'ed length, so a caller may pad between datagrams.
+    """
+    events: list[CtEvent] = []
+    filtered = malformed = error = 0
+    done = False
+    end = len(buf)
+    off = 0
+    while off + NLMSG_HDRLEN <= end:
+        mlen, mtype, mflags, _seq, _pid = _nlmsghdr(buf, off)
+        if mlen < NLMSG_HDRLEN or off + mlen > end:
+            break  # a truncated tail: nothing after it can be trusted
+        if mtype in _ENTRY_MESSAGES:
+            if mtype == MSG_CT_DELETE:
+                kind = CtKind.DESTROY
+            elif dump:
+                kind = CtKind.DUMP
+            elif mflags & NLM_F_CREATE:
+                kind = CtKind.NEW
+            else:
+                kind = CtKind.UPDATE
+            event = _decode_entry(buf, off + ATTRS_OFFSET, off + mlen, kind, ts)
+            if not isinstance(event, int):
+                events.append(event)
+            elif event == _FILTERED:
+                filtered += 1
+            else:
+                malformed += 1
+        elif mtype == NLMSG_DONE:
+            done = True
+        elif mtype == NLMSG_ERROR:
+            if mlen < NLMSG_HDRLEN + 4:
+                malformed += 1
+            else:
+                code = -_ERRNO.unpack_from(buf, off + NLMSG_HDRLEN)[0]
+                if code and not error:
+                    error = code
+        off += (mlen + 3) & ~3
+    if off < end:
+        malformed += 1
+    return Decoded(events, filtered, malformed, done, error)
+
+
+# Outcomes of the helpers below other than a decoded value (ints: no allocation).
+_FILTERED = 0  # well formed but irrelevant (not TCP, no NAT bit)
+_MALFORMED = 1  # truncated or missing what ctnetlink always sends
+
+
+def _decode_entry(
+    buf: bytes | bytearray | memoryview, start: int, end: int, kind: CtKind, ts: float
+) -> CtEvent | int:
+    """One conntrack entry's attributes as a CtEvent, or _FILTERED / _MALFORMED."""
+    orig = reply = protoinfo = -1
+    orig_end = reply_end = protoinfo_end = 0
+    status = entry_id = zone = mark = 0
+    has_status = False
+    a = start
+    while a + 4 <= end:
+        alen, atype = _nla(buf, a)
+        if alen < 4 or a + alen > end:
+            return _MALFORMED
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_ORIG:
+            orig, orig_end = a + 4, a + alen
+        elif atype == CTA_TUPLE_REPLY:
+            reply, reply_end = a + 4, a + alen
+        elif atype == CTA_STATUS and alen >= 8:
+            status = _be32(buf, a + 4)[0]
+            has_status = True
+        elif atype == CTA_PROTOINFO:
+            protoinfo, protoinfo_end = a + 4, a + alen
+        elif atype == CTA_ID and alen >= 8:
+            entry_id = _be32(buf, a + 4)[0]
+        elif atype == CTA_ZONE and alen >= 6:
+            zone = _be16(buf, a + 4)[0]
+        elif atype == CTA_MARK and alen >= 8:
+            mark = _be32(buf, a + 4)[0]
+        a += (alen + 3) & ~3
+    if orig < 0 or reply < 0:
+        return _MALFORMED
+    # Cheapest test first: most irrelevant entries have no NAT bit.
+    if not has_status or not status & NAT_MASK:
+        return _FILTERED
+    orig_flow = _decode_tuple(buf, orig, orig_end)
+    if isinstance(orig_flow, int):
+        return orig_flow
+    reply_flow = _decode_tuple(buf, reply, reply_end)
+    if isinstance(reply_flow, int):
+        return _MALFORMED  # the reply tuple of a TCP entry is TCP too
+    tcp_state = _tcp_state(buf, protoinfo, protoinfo_end) if protoinfo >= 0 else None
+    return CtEvent(kind, ts, entry_id, orig_flow, reply_flow, tcp_state, status, None, zone, mark)
+
+
+def _decode_tuple(buf: bytes | bytearray | memoryview, start: int, end: int) -> Flow | int:
+    """A CTA_TUPLE_* nest as a Flow, or _FILTERED (not TCP) / _MALFORMED."""
+    src = dst = -1  # offsets of the address bytes; converted only for TCP
+    addr_len = 0
+    sport = dport = proto = -1
+    a = start
+    while a + 4 <= end:
+        alen, atype = _nla(buf, a)
+        if alen < 4 or a + alen > end:
+            return _MALFORMED
+        atype &= NLA_TYPE_MASK
+        b = a + 4
+        nest_end = a + alen
+        if atype == CTA_TUPLE_IP:
+            while b + 4 <= nest_end:
+                blen, btype = _nla(buf, b)
+                if blen < 4 or b + blen > nest_end:
+                    return _MALFORMED
+                btype &= NLA_TYPE_MASK
+                if btype in _SRC_ADDRS:
+                    src = b + 4
+                    addr_len = blen - 4
+                elif btype in _DST_ADDRS:
+                    dst = b + 4
+                b += (blen + 3) & ~3
+        elif atype == CTA_TUPLE_PROTO:
+            while b + 4 <= nest_end:
+                blen, btype = _nla(buf, b)
+                if blen < 4 or b + blen > nest_end:
+                    return _MALFORMED
+                btype &= NLA_TYPE_MASK
+                if btype == CTA_PROTO_NUM and blen >= 5:
+                    proto = _u8(buf, b + 4)[0]
+                elif btype == CTA_PROTO_SRC_PORT and blen >= 6:
+                    sport = _be16(buf, b + 4)[0]
+                elif btype == CTA_PROTO_DST_PORT and blen >= 6:
+                    dport = _be16(buf, b + 4)[0]
+                b += (blen + 3) & ~3
+        a += (alen + 3) & ~3
+    if proto != IPPROTO_TCP:
+        return _FILTERED if proto >= 0 else _MALFORMED
+    # A TCP tuple always carries both addresses and both ports (ctnetlink_dump_tuples).
+    if src < 0 or dst < 0 or sport < 0 or dport < 0:
+        return _MALFORMED
+    if addr_len == 4:
+        family = _AF_INET
+    elif addr_len == 16:
+        family = _AF_INET6
+    else:
+        return _MALFORMED
+    return Flow(
+        _ntop(family, buf[src : src + addr_len]),
+        sport,
+        _ntop(family, buf[dst : dst + addr_len]),
+        dport,
+    )
+
+
+def _tcp_state(buf: bytes | bytearray | memoryview, start: int, end: int) -> int | None:
+    """CTA_PROTOINFO > CTA_PROTOINFO_TCP > CTA_PROTOINFO_TCP_STATE, or None."""
+    a = start
+    while a + 4 <= end:
+        alen, atype = _nla(buf, a)
+        if alen < 4 or a + alen > end:
+            return None
+        if atype & NLA_TYPE_MASK == CTA_PROTOINFO_TCP:
+            b = a + 4
+            nest_end = a + alen
+            while b + 4 <= nest_end:
+                blen, btype = _nla(buf, b)
+                if blen < 4 or b + blen > nest_end:
+                    return None
+                if btype & NLA_TYPE_MASK == CTA_PROTOINFO_TCP_STATE and blen >= 5:
+                    state: int = _u8(buf, b + 4)[0]
+                    return state
+                b += (blen + 3) & ~3
+            return None
+        a += (alen + 3) & ~3
+    return None
+
+
+# --- requests ---------------------------------------------------------------
+
+
+def dump_request(seq: int, family: int = socket.AF_UNSPEC) -> bytes:
+    """``IPCTNL_MSG_CT_GET`` with ``NLM_F_DUMP``: every entry of the socket's netns.
+
+    ``nfgen_family`` AF_UNSPEC dumps IPv4 and IPv6 alike (ctnetlink_dump_table
+    skips an entry only when a family was asked for and differs).
+    """
+    length = NLMSG_HDRLEN + NFGENMSG_LEN
+    return _NLMSGHDR.pack(length, MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + _NFGENMSG.pack(
+        family, NFNETLINK_V0, 0
+    )
+
+
+# --- classic BPF socket filter ------------------------------------------------
+# include/uapi/linux/filter.h and bpf_common.h
+_BPF_LD, _BPF_LDX, _BPF_JMP, _BPF_RET, _BPF_MISC = 0x00, 0x01, 0x05, 0x06, 0x07
+_BPF_W, _BPF_B = 0x00, 0x10
+_BPF_IMM, _BPF_ABS, _BPF_IND = 0x00, 0x20, 0x40
+_BPF_JEQ, _BPF_JSET = 0x10, 0x40
+_BPF_K = 0x00
+_BPF_TAX = 0x00
+_SKF_AD_OFF = -0x1000
+_SKF_AD_NLATTR = 12  # A = offset of attr X, searched from offset A to the end (nla_find)
+_SKF_AD_NLATTR_NEST = 16  # A = offset of attr X inside the nest at offset A (nla_find_nested)
+_SOCK_FILTER = Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+
+#: Verdicts: a socket filter returns how many bytes of the message to keep.
+_ACCEPT = 0xFFFFFFFF
+_REJECT = 0
+
+
+def nat_tcp_filter() -> bytes:
+    """A classic BPF program (packed ``struct sock_filter[]``) for SO_ATTACH_FILTER.
+
+    It runs in netlink_broadcast (do_one_broadcast -> sk_filter) *before* the
+    message is charged to the receive buffer, so what it rejects can neither
+    fill the buffer nor cause ENOBUFS. It rejects a conntrack event whose
+    CTA_STATUS has no IPS_SRC_NAT/IPS_DST_NAT bit, or whose CTA_TUPLE_ORIG
+    protocol is not TCP, using the kernel's netlink-attribute ancillary loads
+    (bpf_skb_get_nlattr / bpf_skb_get_nlattr_nest, as libnetfilter_conntrack's
+    nfct_filter does). Anything it cannot find it accepts: userspace decides
+    and counts it, so the kernel filter can only ever drop what is certainly
+    irrelevant.
+    """
+    nlattr = (_SKF_AD_OFF + _SKF_AD_NLATTR) & 0xFFFFFFFF
+    nlattr_nest = (_SKF_AD_OFF + _SKF_AD_NLATTR_NEST) & 0xFFFFFFFF
+    ld_imm = _BPF_LD | _BPF_IMM
+    ldx_imm = _BPF_LDX | _BPF_IMM
+    ld_anc = _BPF_LD | _BPF_W | _BPF_ABS
+    jeq = _BPF_JMP | _BPF_JEQ | _BPF_K
+    # (code, jump-if-true label, jump-if-false label, k); labels resolved below.
+    prog: list[tuple[int, str | None, str | None, int]] = [
+        (ld_imm, None, None, ATTRS_OFFSET),  # A = offset of the first attribute
+        (ldx_imm, None, None, CTA_STATUS),
+        (ld_anc, None, None, nlattr),  # A = offset of CTA_STATUS, 0 if absent
+        (jeq, "accept", None, 0),
+        (_BPF_MISC | _BPF_TAX, None, None, 0),  # X = A
+        # BPF word loads are big-endian, as ctnetlink stores CTA_STATUS.
+        (_BPF_LD | _BPF_W | _BPF_IND, None, None, 4),
+        (_BPF_JMP | _BPF_JSET | _BPF_K, None, "reject", NAT_MASK),
+        (ld_imm, None, None, ATTRS_OFFSET),
+        (ldx_imm, None, None, CTA_TUPLE_ORIG),
+        (ld_anc, None, None, nlattr),  # A = offset of CTA_TUPLE_ORIG
+        (jeq, "accept", None, 0),
+        (ldx_imm, None, None, CTA_TUPLE_PROTO),
+        (ld_anc, None, None, nlattr_nest),  # A = offset of CTA_TUPLE_PROTO inside it
+        (jeq, "accept", None, 0),
+        (ldx_imm, None, None, CTA_PROTO_NUM),
+        (ld_anc, None, None, nlattr_nest),  # A = offset of CTA_PROTO_NUM
+        (jeq, "accept", None, 0),
+        (_BPF_MISC | _BPF_TAX, None, None, 0),
+        (_BPF_LD | _BPF_B | _BPF_IND, None, None, 4),  # A = protocol number (u8)
+        (jeq, None, "reject", IPPROTO_TCP),
+        (_BPF_RET | _BPF_K, None, None, _ACCEPT),  # "accept"
+        (_BPF_RET | _BPF_K, None, None, _REJECT),  # "reject"
+    ]
+    labels = {"accept": len(prog) - 2, "reject": len(prog) - 1}
+    out = bytearray()
+    for pc, (code, jt, jf, k) in enumerate(prog):
+        # Jump offsets are relative to the next instruction.
+        jt_off = labels[jt] - pc - 1 if jt else 0
+        jf_off = labels[jf] - pc - 1 if jf else 0
+        out += _SOCK_FILTER.pack(code, jt_off, jf_off, k)
+    return bytes(out)
