@@ -122,6 +122,7 @@ def watch(
     source: SourceOpt = SourceKind.auto,
     netns: NetnsOpt = None,
     identity_file: IdentityFileOpt = None,
+    kubeconfig: KubeconfigOpt = None,
     output: Annotated[
         OutputKind,
         typer.Option("--output", "-o", help="table: live view; json: one JSON object per "
@@ -154,7 +155,8 @@ def watch(
 
     opts = WatchOptions(
         source=str(source), netns=netns, identity_file=identity_file,
-        output=str(output), namespaces=namespace or [], services=service or [],
+        kubeconfig=kubeconfig, kube=_want_kube(kubeconfig, False), output=str(output),
+        namespaces=namespace or [], services=service or [],
         ips=ip or [], rules=rule or [], late_after=late_after,
         identity_grace=identity_grace, dead_after=dead_after, flows=flows,
         duration=duration, ready_file=ready_file,
@@ -163,6 +165,99 @@ def watch(
     try:
         with _stop_on_signals(stop):
             run_watch(opts, stop)
+    except UserError as err:
+        raise _fail(err) from None
+
+
+KubeconfigOpt = Annotated[
+    str | None,
+    typer.Option("--kubeconfig", help="Name pods and Services from this cluster (list+watch of "
+                 "Pods, Services, EndpointSlices). In a pod, the in-cluster config is used "
+                 "without this flag."),
+]
+
+
+def _want_kube(kubeconfig: str | None, no_kube: bool) -> bool:
+    import os
+
+    return not no_kube and (kubeconfig is not None or "KUBERNETES_SERVICE_HOST" in os.environ)
+
+
+@app.command()
+def agent(
+    source: SourceOpt = SourceKind.auto,
+    netns: NetnsOpt = None,
+    identity_file: IdentityFileOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    no_kube: Annotated[bool, typer.Option(
+        "--no-kube", help="Do not use the Kubernetes API even when running in a pod.")] = False,
+    listen: Annotated[str, typer.Option(
+        "--listen", help="HOST:PORT for /metrics, /healthz and /readyz.")] = "0.0.0.0:19808",
+    alertmanager_url: Annotated[list[str] | None, typer.Option(
+        "--alertmanager-url", help="Send alerts to this Alertmanager (repeat for every member "
+        "of an HA cluster: each gets every alert).")] = None,
+    node: Annotated[str | None, typer.Option(
+        "--node", help="Node name in alerts and logs (default: $NODE_NAME, else the host name).")
+    ] = None,
+    generator_url: Annotated[str | None, typer.Option(
+        "--generator-url", help="Link in each alert (default: http://NODE:PORT/).")] = None,
+    resend_interval: Annotated[float, typer.Option(
+        "--alert-resend-interval", help="Seconds between re-sends of an active alert; keep it "
+        "below Alertmanager's resolve_timeout (default 5m).", min=1.0)] = 60.0,
+    alert_hold: Annotated[float, typer.Option(
+        "--alert-hold", help="Seconds a one-shot finding's alert stays active before it is "
+        "resolved.", min=0.0)] = 300.0,
+    alert_queue: Annotated[int, typer.Option(
+        "--alert-queue", help="Alerts held while Alertmanager is unreachable; beyond this "
+        "new ones are dropped (counted in cttrace_alertmanager_dropped_total).", min=1)] = 10_000,
+    alertmanager_user: Annotated[str | None, typer.Option(
+        "--alertmanager-user", help="Basic auth user (password from "
+        "$CTTRACE_ALERTMANAGER_PASSWORD).")] = None,
+    alertmanager_token_file: Annotated[Path | None, typer.Option(
+        "--alertmanager-token-file", help="Bearer token file for Alertmanager.")] = None,
+    alertmanager_ca: Annotated[Path | None, typer.Option(
+        "--alertmanager-ca", help="CA bundle to verify Alertmanager's TLS certificate.")] = None,
+    late_after: LateAfterOpt = 3.0,
+    identity_grace: GraceOpt = 5.0,
+    dead_after: DeadAfterOpt = 5.0,
+    shutdown_deadline: Annotated[float, typer.Option(
+        "--shutdown-deadline", help="Seconds SIGTERM may take to flush alerts before exit.",
+        min=0.0)] = 10.0,
+    ready_file: Annotated[Path | None, typer.Option(
+        "--ready-file", help="Write this file once the source is attached.")] = None,
+) -> None:
+    """Run as the node agent: JSON logs, /metrics, /healthz, /readyz and Alertmanager alerts."""
+    import os
+
+    from cttrace.agent import AgentOptions, run_agent
+
+    try:
+        basic_auth = None
+        if alertmanager_user is not None:
+            password = os.environ.get("CTTRACE_ALERTMANAGER_PASSWORD")
+            if password is None:
+                raise UserError("--alertmanager-user needs $CTTRACE_ALERTMANAGER_PASSWORD")
+            basic_auth = (alertmanager_user, password)
+        token = None
+        if alertmanager_token_file is not None:
+            try:
+                token = alertmanager_token_file.read_text().strip()
+            except OSError as err:
+                raise UserError(f"cannot read {alertmanager_token_file}: {err.strerror}") \
+                    from None
+        opts = AgentOptions(
+            source=str(source), netns=netns, identity_file=identity_file,
+            kubeconfig=kubeconfig, kube=_want_kube(kubeconfig, no_kube), listen=listen,
+            alertmanager_urls=alertmanager_url or [], node=node or "",
+            generator_url=generator_url or "", resend_interval=resend_interval,
+            alert_hold=alert_hold, alert_queue=alert_queue, basic_auth=basic_auth,
+            bearer_token=token, ca_file=str(alertmanager_ca) if alertmanager_ca else None,
+            late_after=late_after, identity_grace=identity_grace, dead_after=dead_after,
+            shutdown_deadline=shutdown_deadline, ready_file=ready_file,
+        )
+        stop = threading.Event()
+        with _stop_on_signals(stop):
+            run_agent(opts, stop)
     except UserError as err:
         raise _fail(err) from None
 

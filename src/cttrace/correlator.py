@@ -14,7 +14,7 @@ tuple, and the decisions still waiting for identity.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cttrace.events import (
@@ -121,6 +121,8 @@ class Correlator:
         self._dead_watch: dict[int, Entry] = {}
         self._identity_gen = -1
         self.stats = CorrelatorStats()
+        #: Called with each first reply's unreplied seconds (the agent's histogram).
+        self.on_first_reply: Callable[[float], None] | None = None
 
     # -- input -------------------------------------------------------------
 
@@ -249,6 +251,8 @@ class Correlator:
             return
         t1 = ev.ts
         unreplied = t1 - t0
+        if self.on_first_reply is not None:
+            self.on_first_reply(unreplied)
         if unreplied >= self.settings.late_after:
             out.append(self._late_establish(entry, t1, now))
         if self.identity is not None:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cttrace.correlator import Correlator, Settings
+from cttrace.assemble import build_correlator, build_identity, warn
 from cttrace.filters import Filter
 from cttrace.findings import Finding, rfc3339
-from cttrace.runtime import IdentityPoller, Pipeline, Sink, Summary
+from cttrace.runtime import Pipeline, Sink, Summary
 from cttrace.sources.select import open_source
 
 
@@ -25,6 +25,8 @@ class WatchOptions:
     source: str = "auto"
     netns: str | None = None
     identity_file: Path | None = None
+    kubeconfig: str | None = None
+    kube: bool = False  # follow the Kubernetes API (kubeconfig or in-cluster)
     output: str = "auto"  # auto | table | json
     namespaces: list[str] = field(default_factory=list)
     services: list[str] = field(default_factory=list)
@@ -38,26 +40,6 @@ class WatchOptions:
     ready_file: Path | None = None
 
 
-def _warn(msg: str) -> None:
-    print(f"cttrace: {msg}", file=sys.stderr, flush=True)
-
-
-def build_identity(identity_file: Path | None) -> tuple[object | None, list[IdentityPoller]]:
-    """The index and what feeds it (a followed file for now)."""
-    if identity_file is None:
-        return None, []
-    from cttrace.identity.follow import IdentityFileFollower
-    from cttrace.identity.index import IdentityIndex
-
-    index = IdentityIndex()
-
-    def on_error(lineno: int, message: str) -> None:
-        _warn(f"{identity_file}:{lineno}: skipped: {message}")
-
-    follower = IdentityFileFollower(identity_file, index, on_error=on_error)
-    return index, [follower]
-
-
 def run_watch(
     opts: WatchOptions,
     stop: threading.Event,
@@ -67,21 +49,22 @@ def run_watch(
 ) -> Summary:
     flt = Filter.build(namespaces=opts.namespaces, services=opts.services, ips=opts.ips,
                        rules=opts.rules)
-    index, pollers = build_identity(opts.identity_file)
-    settings = Settings(late_after=opts.late_after, identity_grace=opts.identity_grace,
-                        dead_after=opts.dead_after)
-    correlator = Correlator(settings, identity=index)  # type: ignore[arg-type]
+    index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
+                                    kube=opts.kube)
+    correlator = build_correlator(index, late_after=opts.late_after,
+                                  identity_grace=opts.identity_grace,
+                                  dead_after=opts.dead_after)
     table = opts.output == "table" or (opts.output == "auto" and sys.stdout.isatty())
     source, note = open_source(opts.source, opts.netns)
     json_sink = None
     sinks: list[Sink] = []
     try:
         if note:
-            _warn(note)
+            warn(note)
         if table:
             from cttrace.sinks.live import LiveView
 
-            sinks.append(LiveView(correlator, index, flt))  # type: ignore[arg-type]
+            sinks.append(LiveView(correlator, index, flt))
         else:
             from cttrace.sinks.jsonl import JsonLinesSink
 

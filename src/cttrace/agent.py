@@ -1,0 +1,157 @@
+"""``cttrace agent``: the long-running node agent (one privileged pod per node).
+
+The same source, identity and correlator as ``watch``, plus what production
+needs: structured JSON logs on stdout, Prometheus metrics and health probes on
+``--listen``, Alertmanager alerts, and a shutdown that detaches the probes and
+flushes the alert queue within a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from cttrace.assemble import build_correlator, build_identity, warn
+from cttrace.events import Event
+from cttrace.findings import Finding, rfc3339
+from cttrace.http_server import AgentHTTPServer
+from cttrace.metrics import Metrics
+from cttrace.runtime import Pipeline, Sink, Status
+from cttrace.sinks.jsonl import JsonLinesSink
+from cttrace.sources.select import open_source
+
+
+@dataclass(slots=True)
+class AgentOptions:
+    source: str = "auto"
+    netns: str | None = None
+    identity_file: Path | None = None
+    kubeconfig: str | None = None
+    kube: bool = False
+    listen: str = "0.0.0.0:19808"
+    alertmanager_urls: list[str] = field(default_factory=list)
+    node: str = ""
+    generator_url: str = ""
+    resend_interval: float = 60.0
+    alert_hold: float = 300.0
+    alert_queue: int = 10_000
+    basic_auth: tuple[str, str] | None = None
+    bearer_token: str | None = None
+    ca_file: str | None = None
+    late_after: float = 3.0
+    identity_grace: float = 5.0
+    dead_after: float = 5.0
+    shutdown_deadline: float = 10.0
+    ready_file: Path | None = None
+
+
+def default_node() -> str:
+    """NODE_NAME (the DaemonSet sets it from spec.nodeName), else the host name."""
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+class MetricsSink:
+    """Feeds the Prometheus counters from the pipeline."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def finding(self, finding: Finding) -> None:
+        self.metrics.finding(finding)
+
+    def event(self, event: Event) -> None:
+        kind = getattr(event, "kind", None)
+        self.metrics.event(getattr(event, "source", "?"),
+                           kind.name.lower() if kind is not None else type(event).__name__)
+
+    def status(self, status: Status) -> None:
+        self.metrics.set_tracked(status.tracked)
+        self.metrics.identity_sync(status.identity != "syncing")
+
+    def close(self) -> None:
+        pass
+
+
+def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
+    node = opts.node or default_node()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
+                                    kube=opts.kube)
+    correlator = build_correlator(index, late_after=opts.late_after,
+                                  identity_grace=opts.identity_grace,
+                                  dead_after=opts.dead_after)
+    correlator.on_first_reply = metrics.first_reply
+    log = JsonLinesSink(sys.stdout.buffer, status_every=60.0)
+    alerts = None
+    if opts.alertmanager_urls:
+        from cttrace.sinks.alertmanager import AlertmanagerSink
+
+        alerts = AlertmanagerSink(
+            opts.alertmanager_urls, node=node,
+            generator_url=opts.generator_url or f"http://{node}:{opts.listen.rsplit(':', 1)[-1]}/",
+            resend_interval=opts.resend_interval, hold=opts.alert_hold,
+            queue_max=opts.alert_queue, basic_auth=opts.basic_auth,
+            bearer_token=opts.bearer_token, ca_file=opts.ca_file,
+        )
+    attached = threading.Event()
+
+    def healthy() -> tuple[bool, str]:
+        return (True, "source attached") if attached.is_set() else (False, "source not attached")
+
+    def ready() -> tuple[bool, str]:
+        if not attached.is_set():
+            return False, "source not attached"
+        if pollers and not all(p.in_sync for p in pollers):
+            return False, "identity not in sync yet"
+        return True, "ready"
+
+    http = AgentHTTPServer(opts.listen, registry, healthy=healthy, ready=ready)
+    http.start()
+    source = None
+    try:
+        source, note = open_source(opts.source, opts.netns)
+        metrics.add_source(source.name, source.stats)
+        from cttrace.ctstats import read_conntrack_stats
+
+        netns = opts.netns
+        metrics.add_conntrack(lambda: read_conntrack_stats(netns))
+        sinks: list[Sink] = [log, MetricsSink(metrics)]
+        if alerts is not None:
+            metrics.add_alertmanager(alerts.stats)
+            alerts.start()
+            sinks.append(alerts)
+        log.note({"kind": "agent", "ts": rfc3339(time.time()), "msg": "started", "node": node,
+                  "source": source.name, "fallback": note, "netns": opts.netns,
+                  "listen": "{}:{}".format(*http.address),
+                  "alertmanagers": opts.alertmanager_urls})
+        attached.set()
+        pipeline = Pipeline(source, correlator, sinks, pollers)
+        summary = pipeline.run(stop, ready_file=opts.ready_file)
+        log.note({"kind": "summary", "ts": rfc3339(time.time()), "events": summary.events,
+                  "lost": summary.lost, "findings": dict(summary.findings),
+                  "seconds": round(summary.seconds, 3)})
+    finally:
+        attached.clear()
+        deadline = time.monotonic() + opts.shutdown_deadline
+        if source is not None:
+            source.close()  # detach first: nothing new arrives while we flush
+        if alerts is not None:
+            alerts.close(max(0.0, deadline - time.monotonic()))
+            left = alerts.stats().get("queue_depth", 0)
+            if left:
+                warn(f"{left} alerts still queued at shutdown")
+        for poller in pollers:
+            close = getattr(poller, "close", None)
+            if close is not None:
+                close()
+        http.stop()
+        if opts.ready_file is not None:
+            opts.ready_file.unlink(missing_ok=True)

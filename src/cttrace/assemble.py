@@ -1,0 +1,49 @@
+"""The parts ``watch``, ``agent`` and ``demo`` share: identity and the correlator, built
+from options. Kept out of the commands so each command only adds its own sinks.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cttrace.correlator import Correlator, Settings
+from cttrace.identity.model import IdentityView
+from cttrace.runtime import IdentityPoller
+
+
+def warn(msg: str) -> None:
+    print(f"cttrace: {msg}", file=sys.stderr, flush=True)
+
+
+def build_identity(
+    identity_file: Path | None, *, kubeconfig: str | None = None, kube: bool = False
+) -> tuple[IdentityView | None, list[IdentityPoller]]:
+    """The identity index and what feeds it: a followed file and/or the Kubernetes API."""
+    if identity_file is None and not kube:
+        return None, []
+    from cttrace.identity.index import IdentityIndex
+
+    index = IdentityIndex()
+    pollers: list[IdentityPoller] = []
+    if identity_file is not None:
+        from cttrace.identity.follow import IdentityFileFollower
+
+        def on_error(lineno: int, message: str) -> None:
+            warn(f"{identity_file}:{lineno}: skipped: {message}")
+
+        pollers.append(IdentityFileFollower(identity_file, index, on_error=on_error))
+    if kube:
+        from cttrace.identity.kube import KubeIdentitySource
+
+        source = KubeIdentitySource(index, kubeconfig=kubeconfig, on_log=warn)
+        source.start()
+        pollers.append(source)
+    return index, pollers
+
+
+def build_correlator(identity: IdentityView | None, *, late_after: float,
+                     identity_grace: float, dead_after: float) -> Correlator:
+    settings = Settings(late_after=late_after, identity_grace=identity_grace,
+                        dead_after=dead_after)
+    return Correlator(settings, identity=identity)
