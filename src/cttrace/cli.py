@@ -328,6 +328,15 @@ _mount("lab", _lab_app, "Build a Kubernetes-like node from network namespaces on
        "kernel and reproduce conntrack failures in it.")
 
 
+def _mount_doctor() -> None:
+    from cttrace.doctor.cli import doctor_command
+
+    app.command("doctor")(doctor_command)
+
+
+_mount_doctor()
+
+
 def main() -> None:
     try:
         app()

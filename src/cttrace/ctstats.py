@@ -1,0 +1,173 @@
+"""Conntrack statistics: read the kernel's per-CPU counters and watch for SNAT collisions.
+
+``/proc/net/stat/nf_conntrack`` has a header line of column names and one line
+per possible CPU of hex values (``ct_cpu_seq_show()`` in
+net/netfilter/nf_conntrack_standalone.c). The counters are per network
+namespace (``net->ct.stat``). Columns are looked up by header name, never by
+position: the kernel has renamed and zeroed columns over the years (``searched``
+became ``clashres``, ``new``/``ignore``/``delete`` print 0 since 5.x).
+
+Why these counters matter: two connections through MASQUERADE/SNAT that are
+set up concurrently on different CPUs can both be given the same source port
+(neither is in the hash table yet when ``get_unique_tuple()`` checks); the
+second one clashes at ``__nf_conntrack_confirm()``, and when
+``nf_ct_resolve_clash()`` cannot merge it the packet is dropped and
+``insert_failed`` and ``drop`` grow (``clashres`` counts the clashes that were
+resolved). ``drop`` alone also grows when the table is full and no entry can be
+allocated (``nf_conntrack_in()``), with ``early_drop`` counting the evictions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from cttrace.errors import UserError
+from cttrace.events import Flow
+from cttrace.findings import Finding, Rule, Severity
+from cttrace.netns import entered_netns
+
+#: ``/proc/net`` follows the thread-group leader; ``thread-self`` follows the
+#: reading thread, which matters when a thread has entered another netns.
+STAT_PATH = Path("/proc/thread-self/net/stat/nf_conntrack")
+
+#: The ``entries`` column is ``nf_conntrack_count`` of the namespace, printed
+#: identically on every CPU line: it is taken once, not summed.
+_NOT_PER_CPU = frozenset({"entries"})
+
+#: The counters a SNAT port clash moves.
+COLLISION_COUNTERS = ("insert_failed", "drop")
+
+
+class ConntrackStatsError(UserError):
+    """The conntrack statistics file is missing or unreadable."""
+
+
+def parse_conntrack_stats(text: str) -> dict[str, int]:
+    """Sum the per-CPU lines of ``/proc/net/stat/nf_conntrack`` by column name.
+
+    Raises ``ValueError`` when the text is not that file's format.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("empty conntrack statistics")
+    header = lines[0].split()
+    totals = dict.fromkeys(header, 0)
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if len(fields) != len(header):
+            raise ValueError(f"line {lineno} has {len(fields)} columns, header has {len(header)}")
+        for name, raw in zip(header, fields, strict=True):
+            value = int(raw, 16)
+            if name in _NOT_PER_CPU:
+                totals[name] = value
+            else:
+                totals[name] += value
+    return totals
+
+
+def _read_stats_file(path: Path) -> dict[str, int]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConntrackStatsError(
+            f"no {path}: nf_conntrack is not loaded (modprobe nf_conntrack)"
+        ) from None
+    except OSError as exc:
+        raise ConntrackStatsError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return parse_conntrack_stats(text)
+    except ValueError as exc:
+        raise ConntrackStatsError(f"unexpected format in {path}: {exc}") from None
+
+
+def read_conntrack_stats(netns: str | None = None, path: Path = STAT_PATH) -> dict[str, int]:
+    """Conntrack counters of the current (or the named) network namespace, summed over CPUs.
+
+    Raises :class:`ConntrackStatsError`, or :class:`cttrace.netns.NetnsError`
+    when ``netns`` cannot be entered.
+    """
+    with entered_netns(netns):
+        return _read_stats_file(path)
+
+
+def counter_deltas(
+    before: Mapping[str, int], after: Mapping[str, int], names: tuple[str, ...]
+) -> dict[str, int] | None:
+    """``after - before`` for ``names``; None when any counter went backwards.
+
+    Each per-CPU counter is a 32-bit ``unsigned int`` that wraps, and a
+    namespace can be recreated under the same name: a decrease means the
+    baseline is stale, not that something un-happened.
+    """
+    deltas = {name: after.get(name, 0) - before.get(name, 0) for name in names}
+    if any(d < 0 for d in deltas.values()):
+        return None
+    return deltas
+
+
+class SnatCollisionSampler:
+    """Turns successive counter samples into ``snat-collision`` findings.
+
+    ``threshold`` is the growth rate (dropped inserts per second, the larger of
+    the ``insert_failed`` and ``drop`` deltas) at which a finding is critical
+    rather than a warning. The first sample, and any sample after a counter
+    went backwards, only sets the baseline.
+    """
+
+    def __init__(self, threshold: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        if threshold <= 0:
+            raise ValueError("threshold must be positive (failures per second)")
+        self.threshold = threshold
+        self._clock = clock
+        self._prev: dict[str, int] | None = None
+        self._prev_ts = 0.0
+
+    def sample(self, stats: Mapping[str, int], now: float | None = None) -> Finding | None:
+        ts = self._clock() if now is None else now
+        prev, prev_ts = self._prev, self._prev_ts
+        self._prev, self._prev_ts = dict(stats), ts
+        if prev is None:
+            return None
+        deltas = counter_deltas(prev, stats, (*COLLISION_COUNTERS, "early_drop"))
+        if deltas is None:
+            return None
+        growth = max(deltas["insert_failed"], deltas["drop"])
+        if growth == 0:
+            return None
+        interval = ts - prev_ts
+        rate = growth / interval if interval > 0 else float(growth)
+        severity = Severity.CRITICAL if rate >= self.threshold else Severity.WARNING
+        return Finding(
+            rule=Rule.SNAT_COLLISION,
+            severity=severity,
+            ts=ts,
+            orig=Flow("", 0, "", 0),  # counters carry no tuple
+            target=("", 0),
+            summary=_summary(deltas, interval),
+            details={
+                "counters": {
+                    name: stats.get(name, 0)
+                    for name in (*COLLISION_COUNTERS, "early_drop", "clashres")
+                },
+                "deltas": deltas,
+                "interval_s": round(interval, 3),
+                "rate_per_s": round(rate, 3),
+            },
+        )
+
+
+def _summary(deltas: Mapping[str, int], interval: float) -> str:
+    span = f"in {interval:.1f} s"
+    if deltas["insert_failed"]:
+        return (
+            f"conntrack insert_failed +{deltas['insert_failed']}, drop +{deltas['drop']} {span}: "
+            "connections clashed on one NAT tuple and packets were dropped; "
+            "MASQUERADE/SNAT rules need --random-fully (see `cttrace doctor`)"
+        )
+    return (
+        f"conntrack drop +{deltas['drop']} {span} without insert failures "
+        f"(early_drop +{deltas['early_drop']}): the table is likely full "
+        "(see `cttrace doctor`, check conntrack-fill)"
+    )
