@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from cttrace.assemble import build_correlator, build_identity, warn
+from cttrace.assemble import build_correlator, build_identity, snat_check, warn
 from cttrace.events import Event
 from cttrace.findings import Finding, rfc3339
 from cttrace.http_server import AgentHTTPServer
@@ -133,7 +133,8 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
                   "listen": "{}:{}".format(*http.address),
                   "alertmanagers": opts.alertmanager_urls})
         attached.set()
-        pipeline = Pipeline(source, correlator, sinks, pollers)
+        pipeline = Pipeline(source, correlator, sinks, pollers,
+                            periodic=[snat_check(opts.netns)])
         summary = pipeline.run(stop, ready_file=opts.ready_file)
         log.note({"kind": "summary", "ts": rfc3339(time.time()), "events": summary.events,
                   "lost": summary.lost, "findings": dict(summary.findings),

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from cttrace.correlator import Correlator, Settings
+from cttrace.errors import UserError
+from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
-from cttrace.runtime import IdentityPoller
+from cttrace.runtime import IdentityPoller, Periodic
 
 
 def warn(msg: str) -> None:
@@ -47,3 +49,25 @@ def build_correlator(identity: IdentityView | None, *, late_after: float,
     settings = Settings(late_after=late_after, identity_grace=identity_grace,
                         dead_after=dead_after)
     return Correlator(settings, identity=identity)
+
+
+def snat_check(netns: str | None, *, interval: float = 5.0) -> Periodic:
+    """``snat-collision``: sample the namespace's insert_failed/drop counters on a timer."""
+    from cttrace.ctstats import SnatCollisionSampler, read_conntrack_stats
+
+    sampler = SnatCollisionSampler()
+    failed = False
+
+    def check(now: float) -> list[Finding]:
+        nonlocal failed
+        try:
+            stats = read_conntrack_stats(netns)
+        except (OSError, UserError) as err:
+            if not failed:  # say it once, keep running
+                warn(f"snat-collision: cannot read conntrack statistics: {err}")
+                failed = True
+            return []
+        finding = sampler.sample(stats, now)
+        return [finding] if finding is not None else []
+
+    return Periodic(interval, check)

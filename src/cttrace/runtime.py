@@ -76,6 +76,15 @@ class Sink(Protocol):
 
 
 @dataclass(slots=True)
+class Periodic:
+    """A check the loop runs every ``interval`` seconds (counter sampling, not events)."""
+
+    interval: float
+    check: Callable[[float], list[Finding]]
+    due: float = 0.0
+
+
+@dataclass(slots=True)
 class Summary:
     events: int
     lost: int
@@ -95,6 +104,7 @@ class Pipeline:
         tick_s: float = 0.1,
         status_s: float = 1.0,
         on_finding: Callable[[Finding], None] | None = None,
+        periodic: Sequence[Periodic] = (),
     ) -> None:
         self.source = source
         self.correlator = correlator
@@ -104,6 +114,7 @@ class Pipeline:
         self.tick_s = tick_s
         self.status_s = status_s
         self.on_finding = on_finding
+        self.periodic = list(periodic)
         self.findings: Counter[str] = Counter()
         self._events = 0
         self._rate_mark = (0.0, 0)
@@ -146,6 +157,10 @@ class Pipeline:
                     poller.poll()
                 self._emit(self.correlator.tick(now))
                 next_tick = now + self.tick_s
+                for job in self.periodic:
+                    if now >= job.due:
+                        job.due = now + job.interval
+                        self._emit(job.check(now))
             if now >= next_status:
                 self._emit_status(now)
                 next_status = now + self.status_s

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cttrace.assemble import build_correlator, build_identity, warn
+from cttrace.assemble import build_correlator, build_identity, snat_check, warn
 from cttrace.filters import Filter
 from cttrace.findings import Finding, rfc3339
 from cttrace.runtime import Pipeline, Sink, Summary
@@ -73,7 +73,8 @@ def run_watch(
                             "netns": opts.netns, "fallback": note})
             sinks.append(json_sink)
         pipeline = Pipeline(source, correlator, sinks, pollers, on_finding=on_finding,
-                            status_s=0.5 if table else 1.0)
+                            status_s=0.5 if table else 1.0,
+                            periodic=[snat_check(opts.netns)])
         summary = pipeline.run(stop, ready_file=opts.ready_file, duration=opts.duration)
     finally:
         for sink in sinks:
