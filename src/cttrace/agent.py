@@ -18,11 +18,18 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from cttrace.assemble import build_correlator, build_identity, snat_check, warn
+from cttrace.assemble import (
+    build_correlator,
+    build_identity,
+    build_remediator,
+    snat_check,
+    warn,
+)
 from cttrace.events import Event
 from cttrace.findings import Finding, rfc3339
 from cttrace.http_server import AgentHTTPServer
 from cttrace.metrics import Metrics
+from cttrace.remediate import Remediation
 from cttrace.runtime import Pipeline, Sink, Status
 from cttrace.sinks.jsonl import JsonLinesSink
 from cttrace.sources.select import open_source
@@ -50,6 +57,7 @@ class AgentOptions:
     dead_after: float = 5.0
     shutdown_deadline: float = 10.0
     ready_file: Path | None = None
+    remediate: str = "off"
 
 
 def default_node() -> str:
@@ -133,8 +141,16 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
                   "listen": "{}:{}".format(*http.address),
                   "alertmanagers": opts.alertmanager_urls})
         attached.set()
-        pipeline = Pipeline(source, correlator, sinks, pollers,
-                            periodic=[snat_check(opts.netns)])
+        periodic = [snat_check(opts.netns)]
+
+        def record(r: Remediation) -> None:
+            metrics.remediation(r.action)
+            log.note(r.to_json())
+
+        remediator = build_remediator(opts.remediate, correlator, opts.netns, record)
+        if remediator is not None:
+            periodic.append(remediator)
+        pipeline = Pipeline(source, correlator, sinks, pollers, periodic=periodic)
         summary = pipeline.run(stop, ready_file=opts.ready_file)
         log.note({"kind": "summary", "ts": rfc3339(time.time()), "events": summary.events,
                   "lost": summary.lost, "findings": dict(summary.findings),

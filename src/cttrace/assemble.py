@@ -5,13 +5,18 @@ from options. Kept out of the commands so each command only adds its own sinks.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cttrace.correlator import Correlator, Settings
+from cttrace.correlator import Correlator, Entry, Settings
 from cttrace.errors import UserError
 from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
 from cttrace.runtime import IdentityPoller, Periodic
+
+if TYPE_CHECKING:
+    from cttrace.remediate import Remediation
 
 
 def warn(msg: str) -> None:
@@ -71,3 +76,28 @@ def snat_check(netns: str | None, *, interval: float = 5.0) -> Periodic:
         return [finding] if finding is not None else []
 
     return Periodic(interval, check)
+
+
+def build_remediator(mode: str, correlator: Correlator, netns: str | None,
+                     log: Callable[[Remediation], None]) -> Periodic | None:
+    """``--remediate``: None when off; refuses without identity (it decides by pod ownership)."""
+    from cttrace.remediate import Mode, Remediator
+
+    chosen = Mode(mode)
+    if chosen is Mode.OFF:
+        return None
+    if correlator.identity is None:
+        raise UserError("--remediate needs identity (--identity-file or --kubeconfig): it "
+                        "deletes an entry only once its pod is known to be gone")
+    delete = None
+    if chosen is Mode.ON:
+        from cttrace.sources.netlink import ConntrackDeleter
+
+        deleter = ConntrackDeleter(netns)
+        deleter.open()
+
+        def delete(entry: Entry) -> int:
+            return deleter.delete(entry.orig, entry_id=entry.entry_id)
+
+    remediator = Remediator(chosen, correlator, delete, log)
+    return Periodic(0.2, remediator.check)

@@ -117,6 +117,33 @@ DeadAfterOpt = Annotated[
 ]
 
 
+class RemediateMode(enum.StrEnum):
+    off = "off"
+    dry_run = "dry-run"
+    on = "on"
+
+
+RemediateOpt = Annotated[
+    RemediateMode,
+    typer.Option("--remediate", help="--remediate[=on|dry-run|off]: delete conntrack entries "
+                 "that never saw a reply and whose DNAT target's pod is gone or no longer an "
+                 "endpoint, so the client's next SYN gets a fresh decision. Replied and "
+                 "established entries are never touched. dry-run only logs. Needs identity."),
+]
+KubeconfigOpt = Annotated[
+    str | None,
+    typer.Option("--kubeconfig", help="Name pods and Services from this cluster (list+watch of "
+                 "Pods, Services, EndpointSlices). In a pod, the in-cluster config is used "
+                 "without this flag."),
+]
+
+
+def _want_kube(kubeconfig: str | None, no_kube: bool) -> bool:
+    import os
+
+    return not no_kube and (kubeconfig is not None or "KUBERNETES_SERVICE_HOST" in os.environ)
+
+
 @app.command()
 def watch(
     source: SourceOpt = SourceKind.auto,
@@ -142,6 +169,7 @@ def watch(
     late_after: LateAfterOpt = 3.0,
     identity_grace: GraceOpt = 5.0,
     dead_after: DeadAfterOpt = 5.0,
+    remediate: RemediateOpt = RemediateMode.off,
     flows: Annotated[bool, typer.Option(
         "--flows", help="With json output, also print one line per conntrack event.")] = False,
     duration: Annotated[float | None, typer.Option(
@@ -159,7 +187,7 @@ def watch(
         namespaces=namespace or [], services=service or [],
         ips=ip or [], rules=rule or [], late_after=late_after,
         identity_grace=identity_grace, dead_after=dead_after, flows=flows,
-        duration=duration, ready_file=ready_file,
+        duration=duration, ready_file=ready_file, remediate=str(remediate),
     )
     stop = threading.Event()
     try:
@@ -167,20 +195,6 @@ def watch(
             run_watch(opts, stop)
     except UserError as err:
         raise _fail(err) from None
-
-
-KubeconfigOpt = Annotated[
-    str | None,
-    typer.Option("--kubeconfig", help="Name pods and Services from this cluster (list+watch of "
-                 "Pods, Services, EndpointSlices). In a pod, the in-cluster config is used "
-                 "without this flag."),
-]
-
-
-def _want_kube(kubeconfig: str | None, no_kube: bool) -> bool:
-    import os
-
-    return not no_kube and (kubeconfig is not None or "KUBERNETES_SERVICE_HOST" in os.environ)
 
 
 @app.command()
@@ -220,6 +234,7 @@ def agent(
     late_after: LateAfterOpt = 3.0,
     identity_grace: GraceOpt = 5.0,
     dead_after: DeadAfterOpt = 5.0,
+    remediate: RemediateOpt = RemediateMode.off,
     shutdown_deadline: Annotated[float, typer.Option(
         "--shutdown-deadline", help="Seconds SIGTERM may take to flush alerts before exit.",
         min=0.0)] = 10.0,
@@ -254,6 +269,7 @@ def agent(
             bearer_token=token, ca_file=str(alertmanager_ca) if alertmanager_ca else None,
             late_after=late_after, identity_grace=identity_grace, dead_after=dead_after,
             shutdown_deadline=shutdown_deadline, ready_file=ready_file,
+            remediate=str(remediate),
         )
         stop = threading.Event()
         with _stop_on_signals(stop):
@@ -337,9 +353,24 @@ def _mount_doctor() -> None:
 _mount_doctor()
 
 
+_REMEDIATE_MODES = ("on", "off", "dry-run")
+
+
+def _bare_remediate(argv: list[str]) -> list[str]:
+    """``--remediate`` alone means ``--remediate=on`` (click options cannot take an optional
+    value, so a bare flag is spelled out here, before parsing)."""
+    out = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--remediate" and following not in _REMEDIATE_MODES:
+            arg = "--remediate=on"
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=_bare_remediate(sys.argv[1:]), prog_name="cttrace")
     except UserError as err:
         typer.echo(f"cttrace: error: {err}", err=True)
         sys.exit(err.exit_code)

@@ -107,6 +107,10 @@ class Metrics:
             "cttrace_identity_watch_restarts",
             "Times an identity watch restarted (expired resourceVersion, dropped stream).",
             registry=registry)
+        self._remediations = Counter(
+            "cttrace_remediations",
+            "Conntrack entries --remediate deleted (or would delete, or failed to), by action.",
+            ["action"], registry=registry)
         info = Gauge("cttrace_build_info", "Always 1; the version label says which cttrace.",
                      ["version"], registry=registry)
         info.labels(cttrace.__version__).set(1)
@@ -140,6 +144,10 @@ class Metrics:
 
     def identity_sync(self, in_sync: bool) -> None:
         self._identity_in_sync.set(1 if in_sync else 0)
+
+    def remediation(self, action: str) -> None:
+        """Count one ``--remediate`` action: deleted, would-delete or failed."""
+        self._remediations.labels(action).inc()
 
     def watch_restart(self) -> None:
         self._watch_restarts.inc()

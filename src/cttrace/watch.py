@@ -13,7 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cttrace.assemble import build_correlator, build_identity, snat_check, warn
+from cttrace.assemble import (
+    build_correlator,
+    build_identity,
+    build_remediator,
+    snat_check,
+    warn,
+)
 from cttrace.filters import Filter
 from cttrace.findings import Finding, rfc3339
 from cttrace.runtime import Pipeline, Sink, Summary
@@ -38,6 +44,7 @@ class WatchOptions:
     flows: bool = False
     duration: float | None = None
     ready_file: Path | None = None
+    remediate: str = "off"
 
 
 def run_watch(
@@ -72,9 +79,16 @@ def run_watch(
             json_sink.note({"kind": "source", "ts": rfc3339(time.time()), "source": source.name,
                             "netns": opts.netns, "fallback": note})
             sinks.append(json_sink)
+        log = json_sink.note if json_sink is not None else (
+            lambda obj: warn(f"remediate: {obj['action']} entry {obj['entry_id']}: "
+                             f"{obj['reason']}"))
+        periodic = [snat_check(opts.netns)]
+        remediator = build_remediator(opts.remediate, correlator, opts.netns,
+                                      lambda r: log(r.to_json()))
+        if remediator is not None:
+            periodic.append(remediator)
         pipeline = Pipeline(source, correlator, sinks, pollers, on_finding=on_finding,
-                            status_s=0.5 if table else 1.0,
-                            periodic=[snat_check(opts.netns)])
+                            status_s=0.5 if table else 1.0, periodic=periodic)
         summary = pipeline.run(stop, ready_file=opts.ready_file, duration=opts.duration)
     finally:
         for sink in sinks:

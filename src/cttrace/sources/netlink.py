@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 from cttrace.errors import NotRootError, SourceError
-from cttrace.events import CtEvent, Event, Lost, ResyncDone
+from cttrace.events import CtEvent, Event, Flow, Lost, ResyncDone
 from cttrace.netns import entered_netns
 from cttrace.sources import SourceStats
 from cttrace.sources.ctnetlink import (
@@ -40,6 +40,7 @@ from cttrace.sources.ctnetlink import (
     NFNLGRP_CONNTRACK_NEW,
     NFNLGRP_CONNTRACK_UPDATE,
     decode_messages,
+    delete_request,
     dump_request,
     nat_tcp_filter,
 )
@@ -362,3 +363,40 @@ def _socket_error(exc: OSError, what: str) -> SourceError | NotRootError:
             f"probably not loaded: {_MODPROBE_HINT}"
         )
     return SourceError(f"netlink source: {what} failed: {exc.strerror or exc}")
+
+
+class ConntrackDeleter:
+    """Deletes single conntrack entries over ctnetlink (``--remediate``), in one netns."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._sock: socket.socket | None = None
+        self._seq = 0
+
+    def open(self) -> None:
+        with entered_netns(self.netns):
+            try:
+                sock = _netlink_socket()
+            except OSError as exc:
+                raise _socket_error(exc, "conntrack delete socket") from exc
+        sock.settimeout(DUMP_RECV_TIMEOUT)
+        self._sock = sock
+
+    def delete(self, orig: Flow, *, entry_id: int, zone: int = 0) -> int:
+        """Delete the entry; returns 0, or the errno the kernel answered (ENOENT: gone)."""
+        if self._sock is None:
+            self.open()
+        sock = self._sock
+        assert sock is not None
+        self._seq += 1
+        try:
+            sock.send(delete_request(self._seq, orig, entry_id=entry_id, zone=zone))
+            reply = sock.recv(4096)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return decode_messages(reply, 0.0).errno
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
