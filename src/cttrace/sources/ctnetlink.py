@@ -313,7 +313,7 @@ _BE16 = Struct("!H")
 _BE32 = Struct("!I")
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
+def _attr(kind: int, payload: bytes) -> bytes:
     """One attribute, padded to NLA_ALIGNTO (4)."""
     raw = _NLA.pack(4 + len(payload), kind) + payload
     return raw + b"\0" * (-len(raw) % 4)
@@ -323,14 +323,14 @@ def _tuple_attr(flow: Flow) -> bytes:
     family = _AF_INET6 if ":" in flow.src else _AF_INET
     src_t, dst_t = (CTA_IP_V6_SRC, CTA_IP_V6_DST) if family == _AF_INET6 else (
         CTA_IP_V4_SRC, CTA_IP_V4_DST)
-    ip = _nla(CTA_TUPLE_IP | _NLA_F_NESTED,
-              _nla(src_t, socket.inet_pton(family, flow.src))
-              + _nla(dst_t, socket.inet_pton(family, flow.dst)))
-    proto = _nla(CTA_TUPLE_PROTO | _NLA_F_NESTED,
-                 _nla(CTA_PROTO_NUM, bytes([IPPROTO_TCP]))
-                 + _nla(CTA_PROTO_SRC_PORT, _BE16.pack(flow.sport))
-                 + _nla(CTA_PROTO_DST_PORT, _BE16.pack(flow.dport)))
-    return _nla(CTA_TUPLE_ORIG | _NLA_F_NESTED, ip + proto)
+    ip = _attr(CTA_TUPLE_IP | _NLA_F_NESTED,
+              _attr(src_t, socket.inet_pton(family, flow.src))
+              + _attr(dst_t, socket.inet_pton(family, flow.dst)))
+    proto = _attr(CTA_TUPLE_PROTO | _NLA_F_NESTED,
+                 _attr(CTA_PROTO_NUM, bytes([IPPROTO_TCP]))
+                 + _attr(CTA_PROTO_SRC_PORT, _BE16.pack(flow.sport))
+                 + _attr(CTA_PROTO_DST_PORT, _BE16.pack(flow.dport)))
+    return _attr(CTA_TUPLE_ORIG | _NLA_F_NESTED, ip + proto)
 
 
 def delete_request(seq: int, orig: Flow, *, entry_id: int, zone: int = 0) -> bytes:
@@ -341,9 +341,9 @@ def delete_request(seq: int, orig: Flow, *, entry_id: int, zone: int = 0) -> byt
     matches: a newer entry that reuses the tuple is never deleted by mistake.
     """
     family = _AF_INET6 if ":" in orig.src else _AF_INET
-    attrs = _tuple_attr(orig) + _nla(CTA_ID, _BE32.pack(entry_id))
+    attrs = _tuple_attr(orig) + _attr(CTA_ID, _BE32.pack(entry_id))
     if zone:
-        attrs += _nla(CTA_ZONE, _BE16.pack(zone))
+        attrs += _attr(CTA_ZONE, _BE16.pack(zone))
     body = _NFGENMSG.pack(family, NFNETLINK_V0, 0) + attrs
     return _NLMSGHDR.pack(NLMSG_HDRLEN + len(body), MSG_CT_DELETE,
                           NLM_F_REQUEST | _NLM_F_ACK, seq, 0) + body

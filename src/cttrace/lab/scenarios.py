@@ -1,0 +1,318 @@
+"""The field failures, replayed on the real kernel (DESIGN.md, "The problem cttrace exists for").
+
+Each scenario takes a built :class:`~cttrace.lab.node.Lab`, sets up its pods
+and Services, waits for ``wait_ready`` (a tracer attaching), makes the failure
+happen with real packets, and returns a :class:`ScenarioResult`. Scenarios do
+not judge: whether the kernel did the surprising thing is for the caller (a
+test, a tracer's checker) to assert from the result.
+
+- ``recycled-ip`` (scenario 1): a retry from the same source port rides a
+  SYN_SENT conntrack entry whose DNAT target is a dead pod's recycled IP, and
+  reaches a pod of another Service.
+- ``dead-pod`` (scenario 2): a long-lived connection keeps sending to a pod
+  that vanished; its ESTABLISHED entry still points at the dead IP.
+- ``bridge-no-brnf`` (scenario 4): with bridge-nf-call-iptables=0 a same-node
+  pod's SYN-ACK is bridged un-NATed, and the client resets it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cttrace.events import Flow
+from cttrace.lab.cluster import LabPod, LabService, Workload
+from cttrace.lab.node import Lab, Layout, ReadyCheck
+from cttrace.lab.plumbing import snmp_counters
+from cttrace.lab.preconditions import LabError
+from cttrace.lab.results import Attempt, Exchange, ScenarioResult, Step, StepCallback
+
+_IMAGES = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+FRONTEND = Workload("shop", "frontend", "6d8c9", f"{_IMAGES}/shop/frontend:2.14.0")
+CART = Workload("shop", "cart", "7d9f8", f"{_IMAGES}/shop/cart:1.9.3")
+CHECKOUT = Workload("shop", "checkout", "6f7b8", f"{_IMAGES}/shop/checkout:4.0.2")
+CATALOG = Workload("shop", "catalog", "79d4b", f"{_IMAGES}/shop/catalog:0.31.0")
+LEDGER = Workload("billing", "ledger", "5c8f9", f"{_IMAGES}/billing/ledger:3.2.1")
+
+
+class _Story:
+    """Records each step with its time and tells ``on_step`` about it."""
+
+    def __init__(self, on_step: StepCallback | None) -> None:
+        self.steps: list[Step] = []
+        self._on_step = on_step
+
+    def __call__(self, name: str, note: str) -> None:
+        self.steps.append(Step(name=name, ts=time.time(), note=note))
+        if self._on_step is not None:
+            self._on_step(note)
+
+
+def _pod(pod: LabPod) -> str:
+    return f"{pod.namespace}/{pod.name} ({pod.ip})"
+
+
+def _svc(svc: LabService) -> str:
+    return f"Service {svc.namespace}/{svc.name} {svc.vip}:{svc.port}"
+
+
+def _flow(client: LabPod, svc: LabService, sport: int) -> Flow:
+    return Flow(client.ip, sport, svc.vip, svc.port)
+
+
+def _outcome(attempt: Attempt) -> str:
+    if attempt.outcome == "answered":
+        return f"answered: {attempt.line!r}"
+    return f"{attempt.outcome} after {attempt.ended - attempt.started:.1f} s"
+
+
+def _conntrack(entries: tuple[str, ...]) -> str:
+    """``conntrack: SYN_SENT [UNREPLIED] id=123`` from ``conntrack -L -o id`` lines."""
+    if not entries:
+        return "conntrack: no entry"
+    fields = entries[0].split()
+    # "tcp 6 <timeout> <STATE> src=... [UNREPLIED] ... [ASSURED] ... id=N"
+    flags = [f for f in fields if f in ("[UNREPLIED]", "[ASSURED]")]
+    ids = [f for f in fields if f.startswith("id=")]
+    return " ".join(["conntrack:", fields[3], *flags, *ids])
+
+
+def recycled_ip(
+    lab: Lab,
+    *,
+    wait_ready: ReadyCheck | None = None,
+    on_step: StepCallback | None = None,
+    sport: int = 40123,
+    late_after: float = 3.0,
+    connect_timeout: float = 1.5,
+) -> ScenarioResult:
+    """A dead cart pod's IP goes to a ledger pod; a retry from the same port reaches ledger.
+
+    ``late_after``: the retry waits until at least this long after the first SYN,
+    so that a tracer's "late establish" threshold is clearly crossed.
+    """
+    story = _Story(on_step)
+    frontend = lab.start_pod(FRONTEND, suffix="k2x7p")
+    cart_a = lab.start_pod(CART, suffix="w5n4t")
+    ledger_1 = lab.start_pod(LEDGER, suffix="m4v8t")
+    cart = lab.add_service("shop", "cart", app="cart", vip="10.100.37.12", endpoints=[cart_a])
+    ledger = lab.add_service("billing", "ledger", app="ledger", vip="10.100.52.7",
+                             endpoints=[ledger_1])
+    flow = _flow(frontend, cart, sport)
+    story("ready", f"node {lab.node_netns}: client {_pod(frontend)}; {_svc(cart)} -> "
+                   f"{_pod(cart_a)}; {_svc(ledger)} -> {_pod(ledger_1)}")
+    lab.wait_ready(wait_ready)
+
+    lab.kill_pod(cart_a)
+    story("pod-killed", f"{_pod(cart_a)} killed abruptly (no FIN, no RST): its netns, veth and "
+                        "/32 route are gone; kube-proxy rules and the API do not know yet")
+
+    first = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout)
+    conntrack = {"after-first-attempt": lab.conntrack_entries(flow)}
+    story("first-attempt", f"{flow.src}:{sport} -> {cart.vip}:{cart.port}, DNAT to the dead "
+                           f"pod's {cart_a.ip}:{cart.target_port}: {_outcome(first)}; "
+                           f"{_conntrack(conntrack['after-first-attempt'])}")
+
+    lab.delete_pod_object(cart_a)
+    lab.set_endpoints(cart, [])
+    story("endpoint-removed", f"API: Pod {cart_a.namespace}/{cart_a.name} DELETED, EndpointSlice "
+                              f"{cart.namespace}/{cart.slice_name} has no endpoints; kube-proxy "
+                              "removed its KUBE-SEP chain")
+
+    pod_b = lab.start_pod(LEDGER, suffix="x2x7q", ip=cart_a.ip)
+    lab.set_endpoints(ledger, [ledger_1, pod_b])
+    story("ip-recycled", f"{_pod(pod_b)} started with the dead cart pod's IP; the API and "
+                         f"kube-proxy added it to Service {ledger.namespace}/{ledger.name}")
+
+    lab.pause_until(first.started + late_after)
+    retry = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout)
+    conntrack["after-retry"] = lab.conntrack_entries(flow)
+    story("retry", f"retry from the same port {sport}, {retry.started - first.started:.1f} s "
+                   f"after the first SYN: {_outcome(retry)}; "
+                   f"{_conntrack(conntrack['after-retry'])}")
+
+    return ScenarioResult(
+        scenario="recycled-ip", instance=lab.instance, node_netns=lab.node_netns,
+        identity_path=str(lab.identity_path), client=frontend.ref, client_ip=frontend.ip,
+        service=cart.ref, flow=flow, target=(cart_a.ip, cart.target_port),
+        old_pod=cart_a.ref, new_pod=pod_b.ref, attempts=(first, retry),
+        steps=tuple(story.steps), conntrack=conntrack,
+        options={"sport": sport, "late_after": late_after, "connect_timeout": connect_timeout},
+    )
+
+
+def dead_pod(
+    lab: Lab,
+    *,
+    wait_ready: ReadyCheck | None = None,
+    on_step: StepCallback | None = None,
+    sport: int = 40124,
+    lines: int = 3,
+    void_s: float = 3.0,
+    interval: float = 0.2,
+) -> ScenarioResult:
+    """A long-lived connection outlives its pod: the client keeps writing into the void."""
+    story = _Story(on_step)
+    frontend = lab.start_pod(FRONTEND, suffix="k2x7p")
+    pod_d = lab.start_pod(CHECKOUT, suffix="q9w2z")
+    checkout = lab.add_service("shop", "checkout", app="checkout", vip="10.100.18.90",
+                               endpoints=[pod_d])
+    flow = _flow(frontend, checkout, sport)
+    story("ready", f"node {lab.node_netns}: client {_pod(frontend)}; {_svc(checkout)} -> "
+                   f"{_pod(pod_d)}")
+    lab.wait_ready(wait_ready)
+
+    session = lab.open_session(frontend, checkout, sport=sport)
+    attempt = Attempt.from_report(sport, session.pid, session.greeting)
+    story("connected", f"{flow.src}:{sport} -> {checkout.vip}:{checkout.port}: {_outcome(attempt)}")
+    exchanges: list[Exchange] = []
+    conntrack: dict[str, tuple[str, ...]] = {}
+    try:
+        if not session.connected:
+            raise LabError(f"dead-pod: the first connection was not answered ({attempt.outcome})")
+        for i in range(1, lines + 1):
+            exchanges.append(_exchange(session.send(f"order {i}", wait_s=2.0)))
+        conntrack["established"] = lab.conntrack_entries(flow)
+        echoed = sum(e.outcome == "echoed" for e in exchanges)
+        story("exchanged", f"{lines} lines sent, {echoed} echoed by {pod_d.namespace}/{pod_d.name}")
+
+        lab.kill_pod(pod_d)
+        lab.delete_pod_object(pod_d)
+        lab.set_endpoints(checkout, [])
+        story("pod-vanished", f"{_pod(pod_d)} vanished (no FIN, no RST); API: Pod DELETED, "
+                              "EndpointSlice emptied; kube-proxy removed its rules")
+
+        start = tick = time.time()
+        sent_before = len(exchanges)
+        while tick < start + void_s:
+            exchanges.append(_exchange(session.send(f"order {len(exchanges) + 1}",
+                                                    wait_s=interval / 2)))
+            tick += interval
+            lab.pause_until(tick)
+        void = exchanges[sent_before:]
+        conntrack["into-the-void"] = lab.conntrack_entries(flow)
+        story("into-the-void", f"{len(void)} lines sent every {interval * 1000:.0f} ms for "
+                               f"{void_s:g} s, {sum(e.outcome == 'echoed' for e in void)} "
+                               f"echoed; {_conntrack(conntrack['into-the-void'])}, DNAT to "
+                               f"the dead pod's {pod_d.ip}")
+    finally:
+        session.close()
+    conntrack["closed"] = lab.conntrack_entries(flow)
+    story("closed", "the client gave up and closed its socket; the FIN queues behind the "
+                    "unacknowledged lines, which its kernel keeps retransmitting into the void")
+
+    return ScenarioResult(
+        scenario="dead-pod", instance=lab.instance, node_netns=lab.node_netns,
+        identity_path=str(lab.identity_path), client=frontend.ref, client_ip=frontend.ip,
+        service=checkout.ref, flow=flow, target=(pod_d.ip, checkout.target_port),
+        old_pod=pod_d.ref, new_pod=None, attempts=(attempt,), exchanges=tuple(exchanges),
+        steps=tuple(story.steps), conntrack=conntrack,
+        options={"sport": sport, "lines": lines, "void_s": void_s, "interval": interval},
+    )
+
+
+def _exchange(report: dict[str, Any]) -> Exchange:
+    return Exchange(text=str(report["text"]), sent_at=float(report["sent_at"]),
+                    outcome=str(report["outcome"]), echo=report.get("echo"))
+
+
+def bridge_no_brnf(
+    lab: Lab,
+    *,
+    wait_ready: ReadyCheck | None = None,
+    on_step: StepCallback | None = None,
+    brnf: bool = False,
+    sport: int = 40125,
+    connect_timeout: float = 1.5,
+) -> ScenarioResult:
+    """A same-node client on a bridge connects to a Service; ``brnf`` sets
+    net.bridge.bridge-nf-call-iptables in the node (False: the failure, True: the control).
+
+    The client's SYN to the VIP goes to its gateway, the bridge's own address, so
+    the node routes it: PREROUTING DNATs it to the pod. The pod's SYN-ACK to the
+    client stays on the bridge's L2 segment and never enters the IP stack; only
+    br_netfilter (br_nf_pre_routing, when bridge-nf-call-iptables=1) hands a
+    bridged frame to conntrack for the reverse NAT. Without it, the SYN-ACK
+    arrives from pod-IP:8080, matches no socket, and the client's kernel answers
+    with RST (tcp_v4_send_reset), while the entry never sees a reply.
+    """
+    if lab.layout != "bridge":
+        raise LabError("bridge-no-brnf needs a lab built with layout='bridge'")
+    story = _Story(on_step)
+    lab.set_bridge_nf_call_iptables(brnf)
+    frontend = lab.start_pod(FRONTEND, suffix="k2x7p")
+    backend = lab.start_pod(CATALOG, suffix="h5m2n")
+    catalog = lab.add_service("shop", "catalog", app="catalog", vip="10.100.61.5",
+                              endpoints=[backend])
+    flow = _flow(frontend, catalog, sport)
+    story("ready", f"node {lab.node_netns}: bridge {lab.names.bridge}, "
+                   f"bridge-nf-call-iptables={int(brnf)}; client {_pod(frontend)}; "
+                   f"{_svc(catalog)} -> {_pod(backend)}")
+    lab.wait_ready(wait_ready)
+
+    attempt = lab.connect(frontend, catalog, sport=sport, connect_timeout=connect_timeout)
+    conntrack = {"after-attempt": lab.conntrack_entries(flow)}
+    # The client pod's own namespace counts the RSTs its kernel sent (tcp_v4_send_reset).
+    client_rsts = snmp_counters(frontend.netns)["Tcp.OutRsts"]
+    story("attempt", f"{flow.src}:{sport} -> {catalog.vip}:{catalog.port}: {_outcome(attempt)}; "
+                     f"the client's kernel sent {client_rsts} RST(s); "
+                     f"{_conntrack(conntrack['after-attempt'])}")
+
+    return ScenarioResult(
+        scenario="bridge-no-brnf", instance=lab.instance, node_netns=lab.node_netns,
+        identity_path=str(lab.identity_path), client=frontend.ref, client_ip=frontend.ip,
+        service=catalog.ref, flow=flow, target=(backend.ip, catalog.target_port),
+        old_pod=backend.ref, new_pod=None, attempts=(attempt,),
+        steps=tuple(story.steps), conntrack=conntrack, counters={"client_out_rsts": client_rsts},
+        options={"brnf": brnf, "sport": sport, "connect_timeout": connect_timeout},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    layout: Layout  # the Lab layout it needs
+    summary: str  # one line for `cttrace lab list` and --help
+    run: Callable[..., ScenarioResult]  # (lab, *, wait_ready, on_step, **options)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s for s in (
+        Scenario("recycled-ip", "routed",
+                 "a retry from the same source port reaches the pod that inherited a dead "
+                 "pod's IP, in another Service (DESIGN scenario 1)", recycled_ip),
+        Scenario("dead-pod", "routed",
+                 "a long-lived connection keeps sending to a pod that vanished "
+                 "(DESIGN scenario 2)", dead_pod),
+        Scenario("bridge-no-brnf", "bridge",
+                 "bridge-nf-call-iptables=0: a same-node pod's SYN-ACK bypasses reverse NAT "
+                 "and the client resets it (DESIGN scenario 4)", bridge_no_brnf),
+    )
+}
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise LabError(f"unknown scenario {name!r}: choose one of {', '.join(SCENARIOS)}") from None
+
+
+def run_scenario(
+    name: str,
+    *,
+    instance: str | None = None,
+    identity_path: Path | None = None,
+    wait_ready: ReadyCheck | None = None,
+    on_step: StepCallback | None = None,
+    keep: bool = False,
+    **options: Any,
+) -> ScenarioResult:
+    """Build a lab for scenario ``name``, run it, tear the lab down (unless ``keep``)."""
+    scenario = get_scenario(name)
+    with Lab(instance=instance, layout=scenario.layout, identity_path=identity_path,
+             keep=keep) as lab:
+        return scenario.run(lab, wait_ready=wait_ready, on_step=on_step, **options)
