@@ -198,6 +198,39 @@ def watch(
 
 
 @app.command()
+def demo(
+    scenario: Annotated[str, typer.Argument(
+        help="recycled-ip (a retry reaches the pod that inherited a dead pod's IP), dead-pod "
+        "(a connection keeps sending to a vanished pod), bridge-no-brnf (replies bypass "
+        "conntrack on a bridge).")] = "recycled-ip",
+    source: SourceOpt = SourceKind.auto,
+    output: Annotated[OutputKind, typer.Option(
+        "--output", "-o", help="table (live view) or json; auto: table on a terminal.")
+    ] = OutputKind.auto,
+    late_after: LateAfterOpt = 3.0,
+    identity_grace: GraceOpt = 5.0,
+    dead_after: DeadAfterOpt = 5.0,
+) -> None:
+    """Reproduce a conntrack failure in a network-namespace lab on this kernel and watch
+    cttrace name it. Needs root; leaves nothing behind."""
+    from cttrace.demo import EXPECTED, run_demo
+    from cttrace.watch import WatchOptions
+
+    if scenario not in EXPECTED:
+        raise _fail(UserError(f"unknown scenario {scenario!r}: choose one of "
+                              f"{', '.join(EXPECTED)}"))
+    opts = WatchOptions(source=str(source), output=str(output), late_after=late_after,
+                        identity_grace=identity_grace, dead_after=dead_after)
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop):
+            code = run_demo(scenario, opts, stop)
+    except UserError as err:
+        raise _fail(err) from None
+    raise typer.Exit(code)
+
+
+@app.command()
 def agent(
     source: SourceOpt = SourceKind.auto,
     netns: NetnsOpt = None,

@@ -267,7 +267,7 @@ class Correlator:
     def _late_establish(self, entry: Entry, t1: float, now: float) -> Finding:
         assert entry.created is not None
         unreplied = t1 - entry.created
-        client, service, _ = self._names(entry, entry.created)
+        client, service, old_owner = self._names(entry, entry.created)
         new_owner = self.identity.owner_at(entry.target[0], t1) if self.identity else None
         summary = (
             f"{_who(client, entry.orig.src)} -> {_svc(service, entry.orig)}: entry stayed "
@@ -286,6 +286,7 @@ class Correlator:
             replied_ts=t1,
             client=client,
             service=service,
+            old_owner=old_owner,
             new_owner=new_owner,
             details={"source": entry.source},
         )

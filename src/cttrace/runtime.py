@@ -132,6 +132,7 @@ class Pipeline:
         *,
         ready_file: Path | None = None,
         duration: float | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> Summary:
         """Run until ``stop`` is set (or ``duration`` passes). The source must be open."""
         start = self.clock()
@@ -141,6 +142,8 @@ class Pipeline:
             poller.poll()
         if ready_file is not None:
             ready_file.write_text(f"{self.source.name}\n")
+        if on_ready is not None:
+            on_ready()
         next_tick = next_status = start
         self._emit_status(start)
         while not stop.is_set():

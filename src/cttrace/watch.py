@@ -52,8 +52,11 @@ def run_watch(
     stop: threading.Event,
     *,
     on_finding: Callable[[Finding], None] | None = None,
-    narrate: Callable[[str], None] | None = None,
+    on_ready: Callable[[Callable[[str], None]], None] | None = None,
 ) -> Summary:
+    """Run until ``stop``. ``on_ready`` is called once attached, with a function that prints
+    a line of narration where it does not disturb the output (above the live view, or on
+    stderr beside JSON lines)."""
     flt = Filter.build(namespaces=opts.namespaces, services=opts.services, ips=opts.ips,
                        rules=opts.rules)
     index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
@@ -68,10 +71,13 @@ def run_watch(
     try:
         if note:
             warn(note)
+        say: Callable[[str], None] = warn
         if table:
             from cttrace.sinks.live import LiveView
 
-            sinks.append(LiveView(correlator, index, flt))
+            view = LiveView(correlator, index, flt)
+            say = view.say
+            sinks.append(view)
         else:
             from cttrace.sinks.jsonl import JsonLinesSink
 
@@ -89,7 +95,10 @@ def run_watch(
             periodic.append(remediator)
         pipeline = Pipeline(source, correlator, sinks, pollers, on_finding=on_finding,
                             status_s=0.5 if table else 1.0, periodic=periodic)
-        summary = pipeline.run(stop, ready_file=opts.ready_file, duration=opts.duration)
+        summary = pipeline.run(
+            stop, ready_file=opts.ready_file, duration=opts.duration,
+            on_ready=(lambda: on_ready(say)) if on_ready is not None else None,
+        )
     finally:
         for sink in sinks:
             sink.close()

@@ -39,6 +39,10 @@ class LiveView:
         self._live = Live(console=self.console, auto_refresh=False, transient=False)
         self._live.start()
 
+    def say(self, text: str) -> None:
+        """A line of narration printed above the live area (thread-safe: rich locks)."""
+        self.console.print(text, style="cyan", highlight=False)
+
     def finding(self, finding: Finding) -> None:
         if self.filter.finding(finding):
             self.recent.append(finding)
