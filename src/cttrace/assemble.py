@@ -44,7 +44,7 @@ def build_identity(
         from cttrace.identity.kube import KubeIdentitySource
 
         source = KubeIdentitySource(index, kubeconfig=kubeconfig, on_log=warn)
-        source.start()
+        source.open()
         pollers.append(source)
     return index, pollers
 

@@ -138,7 +138,7 @@ class Correlator:
         elif isinstance(ev, ResyncDone):
             self._on_resync(ev)
         elif isinstance(ev, Lost):
-            self.stats.lost += ev.count
+            self.stats.lost += ev.missed
         self.stats.findings += len(out)
         return out
 
@@ -424,19 +424,21 @@ class Correlator:
                 continue
             ip = entry.target[0]
             chosen_at = entry.created if entry.created is not None else entry.last_seen
-            chosen = identity.owner_at(ip, chosen_at)
+            chosen = _owner_near(identity, ip, chosen_at, self.settings.identity_grace)
             if chosen is None:
                 chosen = _last_owner_before(identity, ip, chosen_at)
             if chosen is None:
                 done.append(entry_id)  # no identity for this target at all
                 continue
-            gone_at = _ownership_end(identity, ip, chosen, chosen_at)
+            gone_at = _ownership_end(identity, ip, chosen,
+                                     chosen_at + self.settings.identity_grace)
             if gone_at is None:
                 done.append(entry_id)  # chosen pod still holds the IP
                 continue
-            if identity.owner_at(ip, now) is not None or (
-                entry.replied is not None and entry.replied >= gone_at
-            ):
+            holder = identity.owner_at(ip, now)
+            if holder is not None and holder.uid == chosen.uid:
+                continue  # its end is stamped after ``now``: look again next tick
+            if holder is not None or (entry.replied is not None and entry.replied >= gone_at):
                 done.append(entry_id)  # someone holds or answered on the IP: wrong-pod territory
                 continue
             if now - gone_at < self.settings.dead_after:
@@ -503,7 +505,7 @@ class Correlator:
             if Rule.UNNATED_REPLY in entry.reported:
                 continue
             ip = entry.target[0]
-            owner = identity.owner_at(ip, entry.created)
+            owner = _owner_near(identity, ip, entry.created, self.settings.identity_grace)
             if owner is None or not _still_holds(identity, ip, owner, now):
                 continue  # a dead or unknown target is dead-endpoint's business
             client, service, _ = self._names(entry, entry.created)
@@ -646,6 +648,19 @@ def _is_reply(ev: CtEvent) -> bool:
 def _still_holds(identity: IdentityView, ip: str, pod: PodRef, t: float) -> bool:
     holder = identity.owner_at(ip, t)
     return holder is not None and holder.uid == pod.uid
+
+
+def _owner_near(identity: IdentityView, ip: str, t: float, grace: float) -> PodRef | None:
+    """The owner at ``t``, or, identity lagging the kernel, the first one known within
+    ``grace`` after it. Only for the pod an entry was created for: a wrong-pod decision
+    must not take a later owner for the chosen one."""
+    owner = identity.owner_at(ip, t)
+    if owner is not None:
+        return owner
+    for own in identity.ownerships(ip):
+        if t < own.since <= t + grace:
+            return own.pod
+    return None
 
 
 def _last_owner_before(identity: IdentityView, ip: str, t: float) -> PodRef | None:

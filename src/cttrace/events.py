@@ -152,11 +152,11 @@ class TcpReset(NamedTuple):
 
 
 class Lost(NamedTuple):
-    """The source knows it missed ``count`` events (ENOBUFS, perf buffer overrun)."""
+    """The source knows it missed ``missed`` events (ENOBUFS, perf buffer overrun)."""
 
     ts: float
     source: str
-    count: int
+    missed: int
     reason: str
 
 

@@ -158,6 +158,7 @@ class Pipeline:
             if now >= next_tick:
                 for poller in self.identity:
                     poller.poll()
+                now = self.clock()  # identity read just now is stamped at or before this
                 self._emit(self.correlator.tick(now))
                 next_tick = now + self.tick_s
                 for job in self.periodic:

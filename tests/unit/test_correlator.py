@@ -312,3 +312,17 @@ def test_tracked_entries_are_bounded() -> None:
     assert len(corr.entries) == 100
     assert corr.stats.evicted == 150
     assert min(corr.entries) == 150, "the oldest go first"
+
+
+def test_dead_endpoint_when_the_chosen_pod_was_known_only_just_after_the_entry() -> None:
+    """Identity lags the kernel: the pod's ADDED is read 20 ms after its first connection."""
+    ident = FakeIdentity()
+    ident.hold(CLIENT_IP, CLIENT, 0.0)
+    ident.service(VIP, 80, CART)
+    corr = Correlator(Settings(dead_after=2.0), identity=ident)
+    run(corr, [ct(CtKind.NEW, 1.0, TcpState.SYN_SENT),
+               ct(CtKind.UPDATE, 1.0, TcpState.ESTABLISHED, REPLIED)])
+    ident.hold(POD_IP, CART_A, 1.02, 1.2)
+    found = [f for t in (1.3, 2.0, 3.0, 3.5) for f in corr.tick(t)]
+    assert rules(found) == ["dead-endpoint"]
+    assert found[0].old_owner == CART_A

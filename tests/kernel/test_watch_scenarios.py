@@ -1,0 +1,152 @@
+"""Every lab scenario on this kernel, caught by ``cttrace watch --source netlink`` running as a
+separate process, exactly as a user runs it; findings checked against what the lab did."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cttrace.identity.model import PodRef
+from cttrace.lab.background import BackgroundScenario
+from cttrace.lab.results import ScenarioResult
+from tests.watch_process import Line, WatchProcess
+
+pytestmark = pytest.mark.kernel
+
+
+def ref(pod: PodRef | None) -> dict[str, str] | None:
+    return None if pod is None else {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}
+
+
+def owner(line: Line, key: str) -> dict[str, str] | None:
+    obj = line[key]
+    return None if obj is None else {k: obj[k] for k in ("namespace", "name", "uid")}
+
+
+@contextmanager
+def traced(tmp_path: Path, scenario: str, *extra: str, identity: bool = True,
+           **options: Any) -> Iterator[tuple[BackgroundScenario, WatchProcess]]:
+    """The lab scenario in a thread, ``cttrace watch`` in its own process; the scenario sends
+    its first packet only once the tracer wrote its ready file."""
+    ready = tmp_path / "ready"
+    with BackgroundScenario(scenario, identity_path=tmp_path / "identity.jsonl",
+                            wait_ready=ready.exists, **options) as bg:
+        args = ["--source", "netlink", "--netns", bg.node_netns, "--output", "json", *extra]
+        if identity:
+            args += ["--identity-file", str(bg.identity_path)]
+        watch = WatchProcess(args, ready)
+        try:
+            watch.wait_ready()
+            yield bg, watch
+        finally:
+            watch.kill()
+
+
+def finish(watch: WatchProcess) -> None:
+    """SIGINT: a clean exit with a summary line."""
+    assert watch.stop() == 0, watch.stderr.decode()
+    assert watch.lines[-1]["kind"] == "summary"
+    assert b"Traceback" not in watch.stderr
+
+
+def flow_of(result: ScenarioResult) -> dict[str, object]:
+    return result.flow.to_json()
+
+
+def test_recycled_ip_is_a_critical_wrong_pod_naming_everyone(tmp_path: Path) -> None:
+    with traced(tmp_path, "recycled-ip") as (bg, watch):
+        wp = watch.wait_for(lambda x: x.get("rule") == "wrong-pod", timeout=60)
+        result = bg.result(timeout=60)
+        watch.wait_for(lambda x: x.get("rule") == "late-establish", timeout=10)
+        finish(watch)
+    assert result.attempts[-1].answered_by == f"{result.new_pod.namespace}/{result.new_pod.name}"
+    assert wp["severity"] == "critical"
+    assert wp["orig"] == flow_of(result)
+    assert wp["target"] == {"ip": result.target[0], "port": result.target[1]}
+    assert owner(wp, "client") == ref(result.client)
+    assert wp["service"] == {"namespace": result.service.namespace, "name": result.service.name}
+    assert owner(wp, "old_owner") == ref(result.old_pod)
+    assert owner(wp, "new_owner") == ref(result.new_pod)
+    assert wp["new_owner_is_endpoint"] is False
+    first, retry = result.attempts
+    assert wp["unreplied_s"] == pytest.approx(retry.started - first.started, abs=0.5)
+    assert len(watch.findings("wrong-pod")) == 1
+
+
+def test_recycled_ip_without_identity_still_yields_late_establish(tmp_path: Path) -> None:
+    with traced(tmp_path, "recycled-ip", identity=False) as (bg, watch):
+        le = watch.wait_for(lambda x: x.get("rule") == "late-establish", timeout=60)
+        result = bg.result(timeout=60)
+        finish(watch)
+    assert le["orig"] == flow_of(result)
+    assert le["target"] == {"ip": result.target[0], "port": result.target[1]}
+    assert le["unreplied_s"] >= 3.0
+    assert le["client"] is None and le["new_owner"] is None
+    assert watch.findings("wrong-pod") == []
+
+
+def test_dead_pod_is_a_dead_endpoint(tmp_path: Path) -> None:
+    with traced(tmp_path, "dead-pod", "--dead-after", "2") as (bg, watch):
+        de = watch.wait_for(lambda x: x.get("rule") == "dead-endpoint", timeout=60)
+        result = bg.result(timeout=60)
+        finish(watch)
+    assert de["orig"] == flow_of(result)
+    assert owner(de, "old_owner") == ref(result.old_pod)
+    assert owner(de, "client") == ref(result.client)
+    assert de["state"] == "ESTABLISHED"
+    assert watch.findings("wrong-pod") == []
+
+
+def test_bridge_without_br_netfilter_is_an_unnated_reply(tmp_path: Path) -> None:
+    with traced(tmp_path, "bridge-no-brnf", "--late-after", "1", "--identity-grace", "2",
+                brnf=False) as (bg, watch):
+        ur = watch.wait_for(lambda x: x.get("rule") == "unnated-reply", timeout=60)
+        result = bg.result(timeout=60)
+        finish(watch)
+    assert result.attempts[0].outcome != "answered"
+    assert ur["orig"] == flow_of(result)
+    assert ur["evidence"] == "no-reply" and ur["severity"] == "warning"
+    assert owner(ur, "new_owner") == ref(result.old_pod)
+
+
+def test_bridge_with_br_netfilter_is_quiet(tmp_path: Path) -> None:
+    with traced(tmp_path, "bridge-no-brnf", "--late-after", "1", "--identity-grace", "2",
+                brnf=True) as (bg, watch):
+        result = bg.result(timeout=60)
+        # The rule would have fired 3 s after the SYN: watch that long past it.
+        deadline = time.time() + 5.0
+        watch.wait_for(lambda x: (x.get("kind") == "status" and time.time() > deadline)
+                       or x.get("kind") == "finding", timeout=30)
+        finish(watch)
+    assert result.attempts[0].outcome == "answered"
+    assert watch.findings() == []
+
+
+def test_remediate_gives_the_retry_a_fresh_decision(tmp_path: Path) -> None:
+    with traced(tmp_path, "recycled-ip", "--remediate") as (bg, watch):
+        rem = watch.wait_for(lambda x: x.get("kind") == "remediation", timeout=60)
+        result = bg.result(timeout=60)
+        finish(watch)
+    first, retry = result.attempts
+    assert first.outcome == "timeout"
+    assert retry.answered_by is None, "the recycled pod must not answer after remediation"
+    assert rem["action"] == "deleted" and rem["orig"] == flow_of(result)
+    assert "no longer" in rem["reason"]
+    assert watch.findings("wrong-pod") == []
+
+
+def test_malformed_identity_line_is_named_and_skipped(tmp_path: Path) -> None:
+    with traced(tmp_path, "recycled-ip") as (bg, watch):
+        with open(bg.identity_path, "ab") as f:
+            f.write(b'{"type": "ADDED", "object": {"kind": "Pod"}}\n')
+        wp = watch.wait_for(lambda x: x.get("rule") == "wrong-pod", timeout=60)
+        bg.result(timeout=60)
+        finish(watch)
+    assert wp["new_owner"] is not None
+    err = watch.stderr.decode()
+    assert f"{bg.identity_path}:" in err and "skipped" in err and "metadata" in err
