@@ -12,6 +12,7 @@ deps:
 
 test-deps:
 	@scripts/install-deps.sh test
+	@scripts/build-kube-apiserver.sh >/dev/null
 	@scripts/vm-setup.sh
 
 demo: deps

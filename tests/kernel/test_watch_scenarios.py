@@ -150,3 +150,30 @@ def test_malformed_identity_line_is_named_and_skipped(tmp_path: Path) -> None:
     assert wp["new_owner"] is not None
     err = watch.stderr.decode()
     assert f"{bg.identity_path}:" in err and "skipped" in err and "metadata" in err
+
+
+def test_explain_retells_the_wrong_pod_of_a_real_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import orjson
+
+    with traced(tmp_path, "recycled-ip") as (bg, watch):
+        wp = watch.wait_for(lambda x: x.get("rule") == "wrong-pod", timeout=60)
+        result = bg.result(timeout=60)
+        finish(watch)
+    findings = tmp_path / "findings.jsonl"
+    findings.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in watch.lines))
+    res = subprocess.run([sys.executable, "-m", "cttrace", "explain", str(findings),
+                          "--rule", "wrong-pod", "-o", "json"], capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    steps = orjson.loads(res.stdout)["steps"]
+    what = [s["what"] for s in steps]
+    assert what.index("created") < what.index("gone") < what.index("reply") < what.index("finding")
+    old, new = result.old_pod, result.new_pod
+    assert old is not None and new is not None
+    gone = steps[what.index("gone")]["text"]
+    assert f"{old.namespace}/{old.name}" in gone
+    owners = [s["text"] for s in steps if s["what"] == "owner"]
+    assert any(f"{new.namespace}/{new.name}" in t for t in owners)
+    assert wp["entry_id"] == orjson.loads(res.stdout)["entry_id"]
