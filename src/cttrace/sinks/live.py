@@ -23,6 +23,7 @@ from cttrace.runtime import Status
 
 _SEVERITY_STYLE = {Severity.CRITICAL: "bold white on red", Severity.WARNING: "bold yellow",
                    Severity.INFO: "cyan"}
+_SHOWN_EXTRAS = frozenset({"kretprobe_misses", "dropped_messages", "malformed"})
 _MAX_ROWS = 15
 _MAX_FINDINGS = 8
 
@@ -123,7 +124,9 @@ class LiveView:
         s = self._status
         if s is None:
             return Text("attaching...", style="dim")
-        extra = "".join(f"  {k} {v}" for k, v in s.extra.items())
+        # Only the source counters a person should act on; JSON status lines carry them all.
+        extra = "".join(f"  {k.replace('_', ' ')} {v}" for k, v in s.extra.items()
+                        if k in _SHOWN_EXTRAS and v)
         return Text(
             f"source {s.source}  events {s.events} ({s.events_per_s:.0f}/s)  lost {s.lost}  "
             f"tracked {s.tracked}  findings {s.findings}  identity {s.identity}{extra}  "
