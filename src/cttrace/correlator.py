@@ -274,21 +274,13 @@ class Correlator:
             f"unreplied {unreplied:.1f}s, then {entry.target[0]}:{entry.target[1]} answered "
             "on the old DNAT decision (a retry from the same source port inherits it)"
         )
-        return Finding(
-            rule=Rule.LATE_ESTABLISH,
-            severity=Severity.WARNING,
-            ts=now,
-            orig=entry.orig,
-            target=entry.target,
-            summary=summary,
-            entry_id=entry.entry_id,
-            created_ts=entry.created,
+        return _finding(
+            entry, Rule.LATE_ESTABLISH, Severity.WARNING, now, summary,
             replied_ts=t1,
             client=client,
             service=service,
             old_owner=old_owner,
             new_owner=new_owner,
-            details={"source": entry.source},
         )
 
     def _decide_wrong_pod(
@@ -365,22 +357,14 @@ class Correlator:
             f"{reached}: the conntrack entry kept the DNAT to {chosen} for "
             f"{t1 - entry.created:.1f}s while the IP changed hands"
         )
-        return Finding(
-            rule=Rule.WRONG_POD,
-            severity=severity,
-            ts=now,
-            orig=entry.orig,
-            target=entry.target,
-            summary=summary,
-            entry_id=entry.entry_id,
-            created_ts=entry.created,
+        return _finding(
+            entry, Rule.WRONG_POD, severity, now, summary,
             replied_ts=t1,
             client=client,
             service=service,
             old_owner=old,
             new_owner=new,
             details={
-                "source": entry.source,
                 "new_owner_is_endpoint": endpoint,
                 "identity": "known" if new is not None else "unknown",
                 "target_history": _history(identity, entry.target[0], entry.created, now),
@@ -461,21 +445,13 @@ class Correlator:
             f"gone for {now - gone_at:.1f}s; its packets go into the void until the entry or "
             "the client's connection dies"
         )
-        return Finding(
-            rule=Rule.DEAD_ENDPOINT,
-            severity=Severity.WARNING,
-            ts=now,
-            orig=entry.orig,
-            target=entry.target,
-            summary=summary,
-            entry_id=entry.entry_id,
-            created_ts=entry.created,
+        return _finding(
+            entry, Rule.DEAD_ENDPOINT, Severity.WARNING, now, summary,
             replied_ts=entry.replied,
             client=client,
             service=service,
             old_owner=chosen,
             details={
-                "source": entry.source,
                 "state": state,
                 "owner_gone_s": round(now - gone_at, 3),
                 "target_history": _history(identity, entry.target[0], chosen_at, now),
@@ -548,18 +524,11 @@ class Correlator:
             f"{_who(client, entry.orig.src)} -> {_svc(service, entry.orig)}: {what}; replies are "
             "bypassing netfilter (is br_netfilter loaded and net.bridge.bridge-nf-call-iptables=1?)"
         )
-        details: dict[str, object] = {"source": entry.source, "evidence": evidence}
+        details: dict[str, object] = {"evidence": evidence}
         if pid:
             details["socket"] = {"pid": pid, "comm": comm}
-        return Finding(
-            rule=Rule.UNNATED_REPLY,
-            severity=severity,
-            ts=now,
-            orig=entry.orig,
-            target=entry.target,
-            summary=summary,
-            entry_id=entry.entry_id,
-            created_ts=entry.created,
+        return _finding(
+            entry, Rule.UNNATED_REPLY, severity, now, summary,
             client=client,
             service=service,
             new_owner=owner,
@@ -603,19 +572,12 @@ class Correlator:
         sockets: dict[str, object] = {"new": _sock_json(sock)}
         if creator is not None:
             sockets["old"] = _sock_json(creator)
-        return Finding(
-            rule=Rule.INHERITED_ENTRY,
-            severity=Severity.WARNING,
-            ts=now,
-            orig=entry.orig,
-            target=entry.target,
-            summary=summary,
-            entry_id=entry.entry_id,
-            created_ts=entry.created,
+        return _finding(
+            entry, Rule.INHERITED_ENTRY, Severity.WARNING, now, summary,
             client=client,
             service=service,
             old_owner=owner,
-            details={"source": entry.source, "sockets": sockets},
+            details={"sockets": sockets},
         )
 
     # -- names ---------------------------------------------------------------
@@ -675,6 +637,39 @@ def _ownership_end(identity: IdentityView, ip: str, pod: PodRef, t: float) -> fl
     """When ``pod`` stopped holding ``ip`` (latest stretch begun by ``t``); None: it holds it."""
     ends = [o.until for o in identity.ownerships(ip) if o.pod.uid == pod.uid and o.since <= t]
     return ends[-1] if ends else None
+
+
+def _finding(
+    entry: Entry,
+    rule: Rule,
+    severity: Severity,
+    now: float,
+    summary: str,
+    *,
+    client: PodRef | None,
+    service: ServiceRef | None,
+    replied_ts: float | None = None,
+    old_owner: PodRef | None = None,
+    new_owner: PodRef | None = None,
+    details: dict[str, object] | None = None,
+) -> Finding:
+    """A finding about ``entry``: its tuple, target, id, creation time and source filled in."""
+    return Finding(
+        rule=rule,
+        severity=severity,
+        ts=now,
+        orig=entry.orig,
+        target=entry.target,
+        summary=summary,
+        entry_id=entry.entry_id,
+        created_ts=entry.created,
+        replied_ts=replied_ts,
+        client=client,
+        service=service,
+        old_owner=old_owner,
+        new_owner=new_owner,
+        details={"source": entry.source, **(details or {})},
+    )
 
 
 def _history(identity: IdentityView, ip: str, t0: float, t1: float) -> list[dict[str, object]]:
