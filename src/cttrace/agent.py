@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,10 +67,18 @@ def default_node() -> str:
 
 
 class MetricsSink:
-    """Feeds the Prometheus counters from the pipeline."""
+    """Feeds the Prometheus counters from the pipeline.
 
-    def __init__(self, metrics: Metrics) -> None:
+    Lost events and identity watch restarts are cumulative counts kept by the
+    source and the identity pollers; each status turns their growth into counter
+    increments (a status comes every second, and once more at the end).
+    """
+
+    def __init__(self, metrics: Metrics, pollers: Sequence[object] = ()) -> None:
         self.metrics = metrics
+        self._pollers = list(pollers)
+        self._lost = 0
+        self._restarts = 0
 
     def finding(self, finding: Finding) -> None:
         self.metrics.finding(finding)
@@ -82,6 +91,17 @@ class MetricsSink:
     def status(self, status: Status) -> None:
         self.metrics.set_tracked(status.tracked)
         self.metrics.identity_sync(status.identity != "syncing")
+        if status.lost > self._lost:
+            self.metrics.lost(status.source, status.lost - self._lost)
+            self._lost = status.lost
+        restarts = 0
+        for poller in self._pollers:
+            stats = getattr(poller, "stats", None)
+            if stats is not None:
+                restarts += int(stats().get("watch_restarts", 0))
+        if restarts > self._restarts:
+            self.metrics.watch_restart(restarts - self._restarts)
+            self._restarts = restarts
 
     def close(self) -> None:
         pass
@@ -99,16 +119,6 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
     correlator.on_first_reply = metrics.first_reply
     log = JsonLinesSink(sys.stdout.buffer, status_every=60.0)
     alerts = None
-    if opts.alertmanager_urls:
-        from cttrace.sinks.alertmanager import AlertmanagerSink
-
-        alerts = AlertmanagerSink(
-            opts.alertmanager_urls, node=node,
-            generator_url=opts.generator_url or f"http://{node}:{opts.listen.rsplit(':', 1)[-1]}/",
-            resend_interval=opts.resend_interval, hold=opts.alert_hold,
-            queue_max=opts.alert_queue, basic_auth=opts.basic_auth,
-            bearer_token=opts.bearer_token, ca_file=opts.ca_file,
-        )
     attached = threading.Event()
 
     def healthy() -> tuple[bool, str]:
@@ -125,13 +135,24 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
     http.start()
     source = None
     try:
+        if opts.alertmanager_urls:
+            from cttrace.sinks.alertmanager import AlertmanagerSink
+
+            # The bound port, not the --listen text: ":0" lets the kernel pick one.
+            alerts = AlertmanagerSink(
+                opts.alertmanager_urls, node=node,
+                generator_url=opts.generator_url or f"http://{node}:{http.address[1]}/",
+                resend_interval=opts.resend_interval, hold=opts.alert_hold,
+                queue_max=opts.alert_queue, basic_auth=opts.basic_auth,
+                bearer_token=opts.bearer_token, ca_file=opts.ca_file,
+            )
         source, note = open_source(opts.source, opts.netns)
         metrics.add_source(source.name, source.stats)
         from cttrace.ctstats import read_conntrack_stats
 
         netns = opts.netns
         metrics.add_conntrack(lambda: read_conntrack_stats(netns))
-        sinks: list[Sink] = [log, MetricsSink(metrics)]
+        sinks: list[Sink] = [log, MetricsSink(metrics, pollers)]
         if alerts is not None:
             metrics.add_alertmanager(alerts.stats)
             alerts.start()
@@ -162,9 +183,10 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
             source.close()  # detach first: nothing new arrives while we flush
         if alerts is not None:
             alerts.close(max(0.0, deadline - time.monotonic()))
-            left = alerts.stats().get("queue_depth", 0)
+            left = alerts.undelivered()
             if left:
-                warn(f"{left} alerts still queued at shutdown")
+                warn(f"{left} alerts not delivered to every Alertmanager by the shutdown "
+                     "deadline (--shutdown-deadline)")
         for poller in pollers:
             close = getattr(poller, "close", None)
             if close is not None:

@@ -149,8 +149,8 @@ class Metrics:
         """Count one ``--remediate`` action: deleted, would-delete or failed."""
         self._remediations.labels(action).inc()
 
-    def watch_restart(self) -> None:
-        self._watch_restarts.inc()
+    def watch_restart(self, n: int = 1) -> None:
+        self._watch_restarts.inc(n)
 
     # -- read at scrape time ----------------------------------------------------------
 
@@ -162,6 +162,7 @@ class Metrics:
         ``cttrace_kretprobe_misses_total``.
         """
         self.registry.register(_SourceCollector(name, stats))
+        self._lost.labels(name)  # exported at 0 from the start, like the findings
 
     def add_alertmanager(self, stats: StatsReader) -> None:
         """Export an Alertmanager sink's ``stats()`` at scrape time."""

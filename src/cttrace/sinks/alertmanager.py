@@ -491,6 +491,15 @@ class AlertmanagerSink:
                 "queue_depth": len(self._book),
             }
 
+    def undelivered(self) -> int:
+        """Alerts whose current firing state some Alertmanager has not accepted yet.
+
+        Unlike ``queue_depth`` (every alert held, delivered ones included, for their
+        re-sends and resolution), this is what an outage or a shutdown would lose.
+        """
+        with self._cond:
+            return max((self._book.unsent(url) for url in self._urls), default=0)
+
     # -- delivery thread -------------------------------------------------------------
 
     def _deliver_loop(self, url: str) -> None:
