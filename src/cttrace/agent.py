@@ -15,14 +15,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from cttrace.assemble import (
-    build_correlator,
-    build_identity,
+    TraceOptions,
     build_remediator,
+    build_tracing,
     snat_check,
     warn,
 )
@@ -37,12 +36,7 @@ from cttrace.sources.select import open_source
 
 
 @dataclass(slots=True)
-class AgentOptions:
-    source: str = "auto"
-    netns: str | None = None
-    identity_file: Path | None = None
-    kubeconfig: str | None = None
-    kube: bool = False
+class AgentOptions(TraceOptions):
     listen: str = "0.0.0.0:19808"
     alertmanager_urls: list[str] = field(default_factory=list)
     node: str = ""
@@ -53,12 +47,7 @@ class AgentOptions:
     basic_auth: tuple[str, str] | None = None
     bearer_token: str | None = None
     ca_file: str | None = None
-    late_after: float = 3.0
-    identity_grace: float = 5.0
-    dead_after: float = 5.0
     shutdown_deadline: float = 10.0
-    ready_file: Path | None = None
-    remediate: str = "off"
 
 
 def default_node() -> str:
@@ -111,11 +100,7 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
     node = opts.node or default_node()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
-                                    kube=opts.kube)
-    correlator = build_correlator(index, late_after=opts.late_after,
-                                  identity_grace=opts.identity_grace,
-                                  dead_after=opts.dead_after)
+    correlator, pollers = build_tracing(opts)
     correlator.on_first_reply = metrics.first_reply
     log = JsonLinesSink(sys.stdout.buffer, status_every=60.0)
     alerts = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,31 @@ if TYPE_CHECKING:
 
 def warn(msg: str) -> None:
     print(f"cttrace: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(slots=True)
+class TraceOptions:
+    """What ``watch`` and ``agent`` share: where to trace, who is who, the rules' clocks."""
+
+    source: str = "auto"  # auto | bpf | netlink
+    netns: str | None = None
+    identity_file: Path | None = None
+    kubeconfig: str | None = None
+    kube: bool = False  # follow the Kubernetes API (kubeconfig or in-cluster)
+    late_after: float = 3.0
+    identity_grace: float = 5.0
+    dead_after: float = 5.0
+    ready_file: Path | None = None
+    remediate: str = "off"  # off | on | dry-run
+
+
+def build_tracing(opts: TraceOptions) -> tuple[Correlator, list[IdentityPoller]]:
+    """The correlator, its identity index (``correlator.identity``) and what feeds it."""
+    index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
+                                    kube=opts.kube)
+    settings = Settings(late_after=opts.late_after, identity_grace=opts.identity_grace,
+                        dead_after=opts.dead_after)
+    return Correlator(settings, identity=index), pollers
 
 
 def build_identity(
@@ -47,13 +73,6 @@ def build_identity(
         source.open()
         pollers.append(source)
     return index, pollers
-
-
-def build_correlator(identity: IdentityView | None, *, late_after: float,
-                     identity_grace: float, dead_after: float) -> Correlator:
-    settings = Settings(late_after=late_after, identity_grace=identity_grace,
-                        dead_after=dead_after)
-    return Correlator(settings, identity=identity)
 
 
 def snat_check(netns: str | None, *, interval: float = 5.0) -> Periodic:

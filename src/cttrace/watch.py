@@ -11,12 +11,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cttrace.assemble import (
-    build_correlator,
-    build_identity,
+    TraceOptions,
     build_remediator,
+    build_tracing,
     snat_check,
     warn,
 )
@@ -27,24 +26,14 @@ from cttrace.sources.select import open_source
 
 
 @dataclass(slots=True)
-class WatchOptions:
-    source: str = "auto"
-    netns: str | None = None
-    identity_file: Path | None = None
-    kubeconfig: str | None = None
-    kube: bool = False  # follow the Kubernetes API (kubeconfig or in-cluster)
+class WatchOptions(TraceOptions):
     output: str = "auto"  # auto | table | json
     namespaces: list[str] = field(default_factory=list)
     services: list[str] = field(default_factory=list)
     ips: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
-    late_after: float = 3.0
-    identity_grace: float = 5.0
-    dead_after: float = 5.0
     flows: bool = False
     duration: float | None = None
-    ready_file: Path | None = None
-    remediate: str = "off"
 
 
 def run_watch(
@@ -59,11 +48,7 @@ def run_watch(
     stderr beside JSON lines)."""
     flt = Filter.build(namespaces=opts.namespaces, services=opts.services, ips=opts.ips,
                        rules=opts.rules)
-    index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
-                                    kube=opts.kube)
-    correlator = build_correlator(index, late_after=opts.late_after,
-                                  identity_grace=opts.identity_grace,
-                                  dead_after=opts.dead_after)
+    correlator, pollers = build_tracing(opts)
     table = opts.output == "table" or (opts.output == "auto" and sys.stdout.isatty())
     source, note = open_source(opts.source, opts.netns)
     json_sink = None
@@ -75,7 +60,7 @@ def run_watch(
         if table:
             from cttrace.sinks.live import LiveView
 
-            view = LiveView(correlator, index, flt)
+            view = LiveView(correlator, correlator.identity, flt)
             say = view.say
             sinks.append(view)
         else:

@@ -189,7 +189,15 @@ class FakeStream:
         pass
 
 
-Step = dict[str, Any] | list[dict[str, Any]] | FakeStream | BaseException
+class Held:
+    """A step that waits for ``gate`` (the test's go-ahead), then is ``then``."""
+
+    def __init__(self, gate: threading.Event, then: BaseException) -> None:
+        self.gate = gate
+        self.then = then
+
+
+Step = dict[str, Any] | list[dict[str, Any]] | FakeStream | BaseException | Held
 
 
 class FakeTransport:
@@ -231,6 +239,9 @@ class FakeTransport:
         if not steps:
             return None
         step = steps.pop(0)
+        if isinstance(step, Held):
+            assert step.gate.wait(10), "the test never released a held step"
+            step = step.then
         if isinstance(step, BaseException):
             raise step
         return step
@@ -332,11 +343,14 @@ def test_bookmark_moves_the_resume_point_and_is_not_applied() -> None:
 
 def test_in_sync_waits_for_every_kind() -> None:
     t = FakeTransport()
-    t.lists["Service"] = [ConnectionRefusedError(), ConnectionRefusedError()]
+    gate = threading.Event()
+    t.lists["Service"] = [ConnectionRefusedError(), Held(gate, ConnectionRefusedError())]
     source = start(t)
     try:
+        # Pods and EndpointSlices are listed; Services are still failing.
         until(source, lambda: source.stats()["lists"] == 2)
         assert not source.in_sync and not source.index.in_sync
+        gate.set()
         until(source, lambda: source.in_sync)
         assert source.stats()["errors"] == 2
     finally:
