@@ -1,8 +1,8 @@
 """Run ``cttrace watch`` (or ``agent``) as a separate process, the way a user does, and read
 its JSON lines as they come.
 
-The process writes ``--ready-file`` once its source is attached; tests wait on
-that file (never a sleep), generate traffic, wait for the lines they expect
+The process writes ``--ready-file`` once its source is attached and identity is in
+sync; tests wait on that file (never a sleep), generate traffic, wait for the lines they expect
 with a deadline, then stop it with SIGINT and check it exits cleanly.
 """
 

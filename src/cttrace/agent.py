@@ -142,11 +142,11 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
             metrics.add_alertmanager(alerts.stats)
             alerts.start()
             sinks.append(alerts)
+        attached.set()  # before "started": a reader of that line finds /healthz true
         log.note({"kind": "agent", "ts": rfc3339(time.time()), "msg": "started", "node": node,
                   "source": source.name, "fallback": note, "netns": opts.netns,
                   "listen": "{}:{}".format(*http.address),
                   "alertmanagers": opts.alertmanager_urls})
-        attached.set()
         periodic = [snat_check(opts.netns)]
 
         def record(r: Remediation) -> None:

@@ -175,10 +175,26 @@ def watch(
     duration: Annotated[float | None, typer.Option(
         "--duration", help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     ready_file: Annotated[Path | None, typer.Option(
-        "--ready-file", help="Write this file once the source is attached (for scripts).")
+        "--ready-file",
+        help="Write this file once the source is attached and identity is in sync (for "
+        "scripts: traffic sent after it is named).")
     ] = None,
+    dump_bpf: Annotated[bool, typer.Option(
+        "--dump-bpf", help="Print the complete BPF program text the bpf source would compile "
+        "on this kernel (settings as #defines first) and exit; compiles and attaches nothing.")
+    ] = False,
 ) -> None:
     """Watch NATed TCP flows live and name what goes wrong, as it happens."""
+    if dump_bpf:
+        from cttrace.sources.bpf import BpfSource
+        from cttrace.sources.select import netns_inode
+
+        try:
+            text = BpfSource(netns_ino=netns_inode(netns) if netns else None).dump_text()
+        except UserError as err:
+            raise _fail(err) from None
+        typer.echo(text, nl=False)
+        return
     from cttrace.watch import WatchOptions, run_watch
 
     opts = WatchOptions(
@@ -272,7 +288,8 @@ def agent(
         "--shutdown-deadline", help="Seconds SIGTERM may take to flush alerts before exit.",
         min=0.0)] = 10.0,
     ready_file: Annotated[Path | None, typer.Option(
-        "--ready-file", help="Write this file once the source is attached.")] = None,
+        "--ready-file",
+        help="Write this file once the source is attached and identity is in sync.")] = None,
 ) -> None:
     """Run as the node agent: JSON logs, /metrics, /healthz, /readyz and Alertmanager alerts."""
     import os

@@ -138,12 +138,23 @@ class Pipeline:
         start = self.clock()
         self._rate_mark = (start, 0)
         fd = self.source.fileno()
+        ready = False
+
+        def signal_ready_once_in_sync() -> None:
+            # Ready means findings will carry names: the source is attached (it is
+            # open) and identity has been read to its present end, as /readyz.
+            nonlocal ready
+            if ready or self.identity_state == "syncing":
+                return
+            ready = True
+            if ready_file is not None:
+                ready_file.write_text(f"{self.source.name}\n")
+            if on_ready is not None:
+                on_ready()
+
         for poller in self.identity:
             poller.poll()
-        if ready_file is not None:
-            ready_file.write_text(f"{self.source.name}\n")
-        if on_ready is not None:
-            on_ready()
+        signal_ready_once_in_sync()
         next_tick = next_status = start
         self._emit_status(start)
         while not stop.is_set():
@@ -158,6 +169,7 @@ class Pipeline:
             if now >= next_tick:
                 for poller in self.identity:
                     poller.poll()
+                signal_ready_once_in_sync()
                 now = self.clock()  # identity read just now is stamped at or before this
                 self._emit(self.correlator.tick(now))
                 next_tick = now + self.tick_s

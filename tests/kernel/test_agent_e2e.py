@@ -76,8 +76,10 @@ class Agent:
         return self.proc.proc.pid
 
     def wait_attached(self) -> None:
-        """Its source is attached (the ready file exists) and it logged its port."""
-        self.proc.wait_ready(timeout=DEADLINE_S)
+        """Its source is attached: it logged ``started`` with its port.
+
+        The ready file comes later, once identity is in sync as well (like /readyz).
+        """
         started = self.proc.wait_for(
             lambda x: x.get("kind") == "agent" and x.get("msg") == "started", timeout=10)
         host, port = started["listen"].rsplit(":", 1)
@@ -142,6 +144,8 @@ def agent_on_lab(tmp_path: Path, *args: str, identity_link: bool = False,
                       "--identity-file", str(identity), *args)
         try:
             agent.wait_attached()
+            if not identity_link:
+                agent.proc.wait_ready(timeout=DEADLINE_S)
             yield bg, agent, go
         finally:
             agent.kill()
@@ -188,8 +192,10 @@ def test_wrong_pod_alert_in_alertmanager_and_counters_in_metrics(
         status, body = agent.get("/readyz")
         assert (status, body) == (503, "identity not in sync yet\n")
         assert agent.sample("cttrace_identity_in_sync") == 0
+        assert not agent.ready_file.exists(), "ready file written before identity was in sync"
         (tmp_path / "identity.jsonl").symlink_to(bg.identity_path)
         wait_until(lambda: agent.get("/readyz") == (200, "ready\n"), "/readyz to turn ready")
+        agent.proc.wait_ready(timeout=DEADLINE_S)
         go.set()  # only now does the scenario kill the pod and send its SYNs
 
         result = bg.result(timeout=DEADLINE_S)
