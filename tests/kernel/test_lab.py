@@ -275,7 +275,7 @@ mount -t tmpfs ctl-test {STATE_ROOT}
 {py} -c '
 import os
 from cttrace.lab.node import Lab
-from cttrace.lab.scenarios import FRONTEND
+from cttrace.lab.scenario_parts import FRONTEND
 lab = Lab(instance="{instance}")
 lab.build()
 print(lab.start_pod(FRONTEND).server.pid, flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def finish(watch: WatchProcess) -> None:
 
 def flow_of(result: ScenarioResult) -> dict[str, object]:
     return result.flow.to_json()
+
+
+def ts(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 def test_recycled_ip_is_a_critical_wrong_pod_naming_everyone(tmp_path: Path) -> None:
@@ -135,8 +140,19 @@ def test_remediate_gives_the_retry_a_fresh_decision(tmp_path: Path) -> None:
     first, retry = result.attempts
     assert first.outcome == "timeout"
     assert retry.answered_by is None, "the recycled pod must not answer after remediation"
+    # The deletion is logged, names the first attempt's very entry, and came before the retry.
     assert rem["action"] == "deleted" and rem["orig"] == flow_of(result)
     assert "no longer" in rem["reason"]
+    assert rem["target"] == {"ip": result.target[0], "port": result.target[1]}
+    assert f"id={rem['entry_id']}" in result.conntrack["after-first-attempt"][0].split()
+    assert ts(rem["ts"]) < retry.started
+    # A fresh decision: cart has no endpoints now, so kube-proxy's REJECT answers the retry
+    # (the stale entry would have carried it to the recycled ledger pod instead).
+    assert retry.outcome == "refused", retry
+    assert not any(f"id={rem['entry_id']}" in line.split()
+                   for line in result.conntrack["after-retry"])
+    assert [x["entry_id"] for x in watch.lines if x.get("kind") == "remediation"] == \
+        [rem["entry_id"]]
     assert watch.findings("wrong-pod") == []
 
 

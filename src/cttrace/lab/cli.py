@@ -22,7 +22,8 @@ from cttrace.lab import teardown
 from cttrace.lab.naming import LabNames, check_instance
 from cttrace.lab.node import Lab
 from cttrace.lab.preconditions import LabError, require_root
-from cttrace.lab.scenarios import CART, FRONTEND, SCENARIOS, get_scenario, run_scenario
+from cttrace.lab.scenario_parts import CART, FRONTEND
+from cttrace.lab.scenarios import SCENARIOS, get_scenario, run_scenario
 
 #: Exit status after Ctrl-C or SIGTERM, as a shell reports a SIGINT death (128 + 2).
 EXIT_INTERRUPTED = 130

@@ -267,7 +267,7 @@ class Lab:
         self._plumb(pod)
         pod.server = PodServer(pod.netns, pod.ip, pod.port, pod.identity_line,
                                log=self.state_dir / "logs" / f"{pod.name}.log")
-        self._publish("ADDED", pod_object(pod))
+        self.publish("ADDED", pod_object(pod))
         return pod
 
     def _plumb(self, pod: LabPod) -> None:
@@ -306,7 +306,7 @@ class Lab:
 
     def delete_pod_object(self, pod: LabPod) -> None:
         """The API catches up: Pod DELETED."""
-        self._publish("DELETED", pod_object(pod, deleted_at=time.time()))
+        self.publish("DELETED", pod_object(pod, deleted_at=time.time()))
 
     # -- services --------------------------------------------------------------------------------
 
@@ -322,8 +322,8 @@ class Lab:
             created_at=time.time(), endpoints=list(endpoints),
         )
         self.services.append(svc)
-        self._publish("ADDED", service_object(svc))
-        self._publish("ADDED", endpoint_slice_object(svc))
+        self.publish("ADDED", service_object(svc))
+        self.publish("ADDED", endpoint_slice_object(svc))
         self.sync_rules()
         return svc
 
@@ -332,7 +332,7 @@ class Lab:
         self.check_running()
         svc.endpoints = list(endpoints)
         svc.slice_generation += 1
-        self._publish("MODIFIED", endpoint_slice_object(svc))
+        self.publish("MODIFIED", endpoint_slice_object(svc))
         self.sync_rules()
 
     def sync_rules(self) -> None:
@@ -386,7 +386,7 @@ class Lab:
                 return f"{net}{host}"
         raise LabError("the lab's pod network is full")
 
-    def _publish(self, event_type: Literal["ADDED", "MODIFIED", "DELETED"],
+    def publish(self, event_type: Literal["ADDED", "MODIFIED", "DELETED"],
                  obj: dict[str, object]) -> None:
         if self._identity is None:
             raise LabError("the lab is not built yet (use it as a context manager)")

@@ -13,6 +13,8 @@ test, a tracer's checker) to assert from the result.
   that vanished; its ESTABLISHED entry still points at the dead IP.
 - ``bridge-no-brnf`` (scenario 4): with bridge-nf-call-iptables=0 a same-node
   pod's SYN-ACK is bridged un-NATed, and the client resets it.
+- ``snat-race`` (scenario 3) and ``graceful-drain``: see
+  :mod:`cttrace.lab.scenarios_prevention`.
 """
 
 from __future__ import annotations
@@ -23,61 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cttrace.events import Flow
-from cttrace.lab.cluster import LabPod, LabService, Workload
 from cttrace.lab.node import Lab, Layout, ReadyCheck
 from cttrace.lab.plumbing import snmp_counters
 from cttrace.lab.preconditions import LabError
-from cttrace.lab.results import Attempt, Exchange, ScenarioResult, Step, StepCallback
-
-_IMAGES = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
-FRONTEND = Workload("shop", "frontend", "6d8c9", f"{_IMAGES}/shop/frontend:2.14.0")
-CART = Workload("shop", "cart", "7d9f8", f"{_IMAGES}/shop/cart:1.9.3")
-CHECKOUT = Workload("shop", "checkout", "6f7b8", f"{_IMAGES}/shop/checkout:4.0.2")
-CATALOG = Workload("shop", "catalog", "79d4b", f"{_IMAGES}/shop/catalog:0.31.0")
-LEDGER = Workload("billing", "ledger", "5c8f9", f"{_IMAGES}/billing/ledger:3.2.1")
-
-
-class _Story:
-    """Records each step with its time and tells ``on_step`` about it."""
-
-    def __init__(self, on_step: StepCallback | None) -> None:
-        self.steps: list[Step] = []
-        self._on_step = on_step
-
-    def __call__(self, name: str, note: str) -> None:
-        self.steps.append(Step(name=name, ts=time.time(), note=note))
-        if self._on_step is not None:
-            self._on_step(note)
-
-
-def _pod(pod: LabPod) -> str:
-    return f"{pod.namespace}/{pod.name} ({pod.ip})"
-
-
-def _svc(svc: LabService) -> str:
-    return f"Service {svc.namespace}/{svc.name} {svc.vip}:{svc.port}"
-
-
-def _flow(client: LabPod, svc: LabService, sport: int) -> Flow:
-    return Flow(client.ip, sport, svc.vip, svc.port)
-
-
-def _outcome(attempt: Attempt) -> str:
-    if attempt.outcome == "answered":
-        return f"answered: {attempt.line!r}"
-    return f"{attempt.outcome} after {attempt.ended - attempt.started:.1f} s"
-
-
-def _conntrack(entries: tuple[str, ...]) -> str:
-    """``conntrack: SYN_SENT [UNREPLIED] id=123`` from ``conntrack -L -o id`` lines."""
-    if not entries:
-        return "conntrack: no entry"
-    fields = entries[0].split()
-    # "tcp 6 <timeout> <STATE> src=... [UNREPLIED] ... [ASSURED] ... id=N"
-    flags = [f for f in fields if f in ("[UNREPLIED]", "[ASSURED]")]
-    ids = [f for f in fields if f.startswith("id=")]
-    return " ".join(["conntrack:", fields[3], *flags, *ids])
+from cttrace.lab.results import Attempt, Exchange, ScenarioResult, StepCallback
+from cttrace.lab.scenario_parts import (
+    CART,
+    CATALOG,
+    CHECKOUT,
+    FRONTEND,
+    LEDGER,
+    Story,
+    conntrack_text,
+    exchange_of,
+    flow_to,
+    outcome_text,
+    pod_text,
+    service_text,
+)
+from cttrace.lab.scenarios_prevention import graceful_drain, snat_race
 
 
 def recycled_ip(
@@ -94,27 +60,27 @@ def recycled_ip(
     ``late_after``: the retry waits until at least this long after the first SYN,
     so that a tracer's "late establish" threshold is clearly crossed.
     """
-    story = _Story(on_step)
+    story = Story(on_step)
     frontend = lab.start_pod(FRONTEND, suffix="k2x7p")
     cart_a = lab.start_pod(CART, suffix="w5n4t")
     ledger_1 = lab.start_pod(LEDGER, suffix="m4v8t")
     cart = lab.add_service("shop", "cart", app="cart", vip="10.100.37.12", endpoints=[cart_a])
     ledger = lab.add_service("billing", "ledger", app="ledger", vip="10.100.52.7",
                              endpoints=[ledger_1])
-    flow = _flow(frontend, cart, sport)
-    story("ready", f"node {lab.node_netns}: client {_pod(frontend)}; {_svc(cart)} -> "
-                   f"{_pod(cart_a)}; {_svc(ledger)} -> {_pod(ledger_1)}")
+    flow = flow_to(frontend, cart, sport)
+    story("ready", f"node {lab.node_netns}: client {pod_text(frontend)}; {service_text(cart)} -> "
+                   f"{pod_text(cart_a)}; {service_text(ledger)} -> {pod_text(ledger_1)}")
     lab.wait_ready(wait_ready)
 
     lab.kill_pod(cart_a)
-    story("pod-killed", f"{_pod(cart_a)} killed abruptly (no FIN, no RST): its netns, veth and "
+    story("pod-killed", f"{pod_text(cart_a)} killed abruptly (no FIN, no RST): its netns, veth and "
                         "/32 route are gone; kube-proxy rules and the API do not know yet")
 
     first = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout)
     conntrack = {"after-first-attempt": lab.conntrack_entries(flow)}
     story("first-attempt", f"{flow.src}:{sport} -> {cart.vip}:{cart.port}, DNAT to the dead "
-                           f"pod's {cart_a.ip}:{cart.target_port}: {_outcome(first)}; "
-                           f"{_conntrack(conntrack['after-first-attempt'])}")
+                           f"pod's {cart_a.ip}:{cart.target_port}: {outcome_text(first)}; "
+                           f"{conntrack_text(conntrack['after-first-attempt'])}")
 
     lab.delete_pod_object(cart_a)
     lab.set_endpoints(cart, [])
@@ -124,15 +90,15 @@ def recycled_ip(
 
     pod_b = lab.start_pod(LEDGER, suffix="x2x7q", ip=cart_a.ip)
     lab.set_endpoints(ledger, [ledger_1, pod_b])
-    story("ip-recycled", f"{_pod(pod_b)} started with the dead cart pod's IP; the API and "
+    story("ip-recycled", f"{pod_text(pod_b)} started with the dead cart pod's IP; the API and "
                          f"kube-proxy added it to Service {ledger.namespace}/{ledger.name}")
 
     lab.pause_until(first.started + late_after)
     retry = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout)
     conntrack["after-retry"] = lab.conntrack_entries(flow)
     story("retry", f"retry from the same port {sport}, {retry.started - first.started:.1f} s "
-                   f"after the first SYN: {_outcome(retry)}; "
-                   f"{_conntrack(conntrack['after-retry'])}")
+                   f"after the first SYN: {outcome_text(retry)}; "
+                   f"{conntrack_text(conntrack['after-retry'])}")
 
     return ScenarioResult(
         scenario="recycled-ip", instance=lab.instance, node_netns=lab.node_netns,
@@ -155,26 +121,27 @@ def dead_pod(
     interval: float = 0.2,
 ) -> ScenarioResult:
     """A long-lived connection outlives its pod: the client keeps writing into the void."""
-    story = _Story(on_step)
+    story = Story(on_step)
     frontend = lab.start_pod(FRONTEND, suffix="k2x7p")
     pod_d = lab.start_pod(CHECKOUT, suffix="q9w2z")
     checkout = lab.add_service("shop", "checkout", app="checkout", vip="10.100.18.90",
                                endpoints=[pod_d])
-    flow = _flow(frontend, checkout, sport)
-    story("ready", f"node {lab.node_netns}: client {_pod(frontend)}; {_svc(checkout)} -> "
-                   f"{_pod(pod_d)}")
+    flow = flow_to(frontend, checkout, sport)
+    story("ready", f"node {lab.node_netns}: client {pod_text(frontend)}; "
+                   f"{service_text(checkout)} -> {pod_text(pod_d)}")
     lab.wait_ready(wait_ready)
 
     session = lab.open_session(frontend, checkout, sport=sport)
     attempt = Attempt.from_report(sport, session.pid, session.greeting)
-    story("connected", f"{flow.src}:{sport} -> {checkout.vip}:{checkout.port}: {_outcome(attempt)}")
+    story("connected",
+          f"{flow.src}:{sport} -> {checkout.vip}:{checkout.port}: {outcome_text(attempt)}")
     exchanges: list[Exchange] = []
     conntrack: dict[str, tuple[str, ...]] = {}
     try:
         if not session.connected:
             raise LabError(f"dead-pod: the first connection was not answered ({attempt.outcome})")
         for i in range(1, lines + 1):
-            exchanges.append(_exchange(session.send(f"order {i}", wait_s=2.0)))
+            exchanges.append(exchange_of(session.send(f"order {i}", wait_s=2.0)))
         conntrack["established"] = lab.conntrack_entries(flow)
         echoed = sum(e.outcome == "echoed" for e in exchanges)
         story("exchanged", f"{lines} lines sent, {echoed} echoed by {pod_d.namespace}/{pod_d.name}")
@@ -182,13 +149,13 @@ def dead_pod(
         lab.kill_pod(pod_d)
         lab.delete_pod_object(pod_d)
         lab.set_endpoints(checkout, [])
-        story("pod-vanished", f"{_pod(pod_d)} vanished (no FIN, no RST); API: Pod DELETED, "
+        story("pod-vanished", f"{pod_text(pod_d)} vanished (no FIN, no RST); API: Pod DELETED, "
                               "EndpointSlice emptied; kube-proxy removed its rules")
 
         start = tick = time.time()
         sent_before = len(exchanges)
         while tick < start + void_s:
-            exchanges.append(_exchange(session.send(f"order {len(exchanges) + 1}",
+            exchanges.append(exchange_of(session.send(f"order {len(exchanges) + 1}",
                                                     wait_s=interval / 2)))
             tick += interval
             lab.pause_until(tick)
@@ -196,7 +163,7 @@ def dead_pod(
         conntrack["into-the-void"] = lab.conntrack_entries(flow)
         story("into-the-void", f"{len(void)} lines sent every {interval * 1000:.0f} ms for "
                                f"{void_s:g} s, {sum(e.outcome == 'echoed' for e in void)} "
-                               f"echoed; {_conntrack(conntrack['into-the-void'])}, DNAT to "
+                               f"echoed; {conntrack_text(conntrack['into-the-void'])}, DNAT to "
                                f"the dead pod's {pod_d.ip}")
     finally:
         session.close()
@@ -212,11 +179,6 @@ def dead_pod(
         steps=tuple(story.steps), conntrack=conntrack,
         options={"sport": sport, "lines": lines, "void_s": void_s, "interval": interval},
     )
-
-
-def _exchange(report: dict[str, Any]) -> Exchange:
-    return Exchange(text=str(report["text"]), sent_at=float(report["sent_at"]),
-                    outcome=str(report["outcome"]), echo=report.get("echo"))
 
 
 def bridge_no_brnf(
@@ -241,25 +203,25 @@ def bridge_no_brnf(
     """
     if lab.layout != "bridge":
         raise LabError("bridge-no-brnf needs a lab built with layout='bridge'")
-    story = _Story(on_step)
+    story = Story(on_step)
     lab.set_bridge_nf_call_iptables(brnf)
     frontend = lab.start_pod(FRONTEND, suffix="k2x7p")
     backend = lab.start_pod(CATALOG, suffix="h5m2n")
     catalog = lab.add_service("shop", "catalog", app="catalog", vip="10.100.61.5",
                               endpoints=[backend])
-    flow = _flow(frontend, catalog, sport)
+    flow = flow_to(frontend, catalog, sport)
     story("ready", f"node {lab.node_netns}: bridge {lab.names.bridge}, "
-                   f"bridge-nf-call-iptables={int(brnf)}; client {_pod(frontend)}; "
-                   f"{_svc(catalog)} -> {_pod(backend)}")
+                   f"bridge-nf-call-iptables={int(brnf)}; client {pod_text(frontend)}; "
+                   f"{service_text(catalog)} -> {pod_text(backend)}")
     lab.wait_ready(wait_ready)
 
     attempt = lab.connect(frontend, catalog, sport=sport, connect_timeout=connect_timeout)
     conntrack = {"after-attempt": lab.conntrack_entries(flow)}
     # The client pod's own namespace counts the RSTs its kernel sent (tcp_v4_send_reset).
     client_rsts = snmp_counters(frontend.netns)["Tcp.OutRsts"]
-    story("attempt", f"{flow.src}:{sport} -> {catalog.vip}:{catalog.port}: {_outcome(attempt)}; "
-                     f"the client's kernel sent {client_rsts} RST(s); "
-                     f"{_conntrack(conntrack['after-attempt'])}")
+    story("attempt", f"{flow.src}:{sport} -> {catalog.vip}:{catalog.port}: "
+                     f"{outcome_text(attempt)}; the client's kernel sent {client_rsts} RST(s); "
+                     f"{conntrack_text(conntrack['after-attempt'])}")
 
     return ScenarioResult(
         scenario="bridge-no-brnf", instance=lab.instance, node_netns=lab.node_netns,
@@ -290,6 +252,12 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("bridge-no-brnf", "bridge",
                  "bridge-nf-call-iptables=0: a same-node pod's SYN-ACK bypasses reverse NAT "
                  "and the client resets it (DESIGN scenario 4)", bridge_no_brnf),
+        Scenario("snat-race", "routed",
+                 "concurrent connections through MASQUERADE without --random-fully clash on "
+                 "one NAT tuple: insert_failed and drop grow (DESIGN scenario 3)", snat_race),
+        Scenario("graceful-drain", "routed",
+                 "an established connection to a terminating pod drains and closes normally "
+                 "(what --remediate must never break)", graceful_drain),
     )
 }
 
