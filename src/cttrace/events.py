@@ -130,7 +130,8 @@ class CtEvent(NamedTuple):
 
 
 class SockConnect(NamedTuple):
-    """A socket's ``connect()`` with its source port bound (bpf source: tcp_v4_connect return)."""
+    """A socket's ``connect()`` with its source port bound (bpf source: tcp_connect entry,
+    before its SYN leaves)."""
 
     ts: float
     flow: Flow  # local addr:port -> remote addr:port as the socket sees it (before NAT)

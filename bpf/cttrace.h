@@ -1,0 +1,86 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * cttrace.h: the records cttrace's BPF programs send to userspace.
+ *
+ * This one header is the contract between the kernel side (the bpf/ .c files,
+ * compiled by BCC) and the userspace decoder
+ * (src/cttrace/sources/bpf_layout.py mirrors every struct with ctypes;
+ * tests/unit/test_bpf_layout.py compiles this file with gcc and checks the
+ * mirror's sizes and offsets against it).  Every struct is laid out by hand
+ * with explicit padding so that clang (BPF) and gcc (x86-64) agree.
+ *
+ * Byte order: addresses and ports are kept exactly as the kernel holds them
+ * (network byte order, `_be` fields); userspace converts them.
+ */
+#ifndef CTTRACE_H
+#define CTTRACE_H
+
+#include <linux/types.h>
+
+/* ctt_header.kind */
+#define CTT_EV_CT_NEW      1 /* __nf_conntrack_confirm returned NF_ACCEPT */
+#define CTT_EV_CT_UPDATE   2 /* nf_conntrack_tcp_packet changed ct->proto.tcp.state */
+#define CTT_EV_CT_DESTROY  3 /* nf_ct_delete on a tracked entry */
+#define CTT_EV_CONNECT     4 /* tcp_connect: a socket is about to send its SYN */
+#define CTT_EV_RESET       5 /* a TCP RST sent or received */
+
+/* Slots of the per-CPU counter map ctt_counters. */
+#define CTT_CNT_LOST          0 /* output to the ring/perf buffer failed: event lost */
+#define CTT_CNT_FILTERED      1 /* confirm seen but not TCP, not NATed or other netns */
+#define CTT_CNT_NOT_ACCEPTED  2 /* confirm returned != NF_ACCEPT (insert clash: drop) */
+#define CTT_CNT_STASH_FULL    3 /* a call could not be remembered for its return probe: event lost */
+#define CTT_NR_COUNTERS       4
+
+/* One direction of a conntrack tuple, or a socket's 4-tuple. */
+struct ctt_flow {
+	__u8 saddr[16];  /* union nf_inet_addr: IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	__u16 sport_be;
+	__u16 dport_be;
+};                               /* 36 bytes, 2-aligned */
+
+struct ctt_header {
+	__u64 ts_ns;      /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 kind;       /* CTT_EV_* */
+	__u32 netns_ino;  /* inode of the network namespace (ns.inum) the fact happened in */
+};                               /* 16 bytes */
+
+struct ctt_ct_event {
+	struct ctt_header hdr;
+	__u64 ct_ptr;           /* address of the struct nf_conn: the entry id */
+	__u64 created_ns;       /* when the entry was confirmed (same clock as ts_ns) */
+	struct ctt_flow orig;   /* tuplehash[IP_CT_DIR_ORIGINAL]: what the client asked for */
+	struct ctt_flow reply;  /* tuplehash[IP_CT_DIR_REPLY]: its source is the DNAT target */
+	__u32 status;           /* ct->status, enum ip_conntrack_status bits */
+	__u32 mark;             /* ct->mark (0 without CONFIG_NF_CONNTRACK_MARK) */
+	__u16 zone;             /* ct->zone.id (0 without CONFIG_NF_CONNTRACK_ZONES) */
+	__u16 l3num;            /* AF_INET or AF_INET6 */
+	__u8 tcp_state;         /* ct->proto.tcp.state, enum tcp_conntrack */
+	__u8 old_tcp_state;     /* state before the change (CTT_EV_CT_UPDATE only) */
+	__u8 _pad[2];
+};                               /* 120 bytes */
+
+struct ctt_connect_event {
+	struct ctt_header hdr;  /* netns_ino: the socket's namespace */
+	__u64 sock_ptr;         /* struct sock address: tells two sockets on one tuple apart */
+	__u64 cgroup_id;        /* bpf_get_current_cgroup_id() of the connecting task */
+	__u32 pid;              /* tgid */
+	__u32 tid;
+	__u32 saddr_be;         /* sk->__sk_common.skc_rcv_saddr */
+	__u32 daddr_be;         /* skc_daddr */
+	__u16 sport_be;         /* skc_num, converted to network order */
+	__u16 dport_be;         /* skc_dport */
+	__u32 _pad;
+	char comm[16];
+};                               /* 72 bytes */
+
+struct ctt_reset_event {
+	struct ctt_header hdr;
+	__u64 sock_ptr;         /* 0 when no socket owns the segment being answered */
+	struct ctt_flow flow;   /* the RST's own direction: flow.saddr sent it to flow.daddr */
+	__u16 family;           /* AF_INET or AF_INET6 */
+	__u8 sent;              /* 1: this host sent the RST, 0: a local socket received it */
+	__u8 _pad;
+};                               /* 64 bytes */
+
+#endif /* CTTRACE_H */

@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * reset.bpf.c: TCP resets sent and received by this host.
+ *
+ *   tcp_v4_send_reset (kprobe), or tcp:tcp_send_reset    -> CTT_EV_RESET, sent=1
+ *   tcp:tcp_receive_reset                                -> CTT_EV_RESET, sent=0
+ *
+ * The reset that matters most has no socket: a SYN-ACK that arrives from a
+ * pod IP instead of the Service VIP (the reply was not reverse-NATed) matches
+ * no local socket, and the client's kernel answers it with a RST through
+ * tcp_v4_send_reset(NULL, skb).  Before v6.10 (commit 19822a980e19,
+ * "trace: tcp: fully support trace_tcp_send_reset") the tcp_send_reset
+ * tracepoint requires a socket and never sees that case, so the kprobe is
+ * preferred whenever tcp_v4_send_reset can be probed; userspace decides.
+ */
+#include "cttrace.h"
+
+#ifndef CTT_SEND_RESET_TRACEPOINT
+#define CTT_SEND_RESET_TRACEPOINT 0  /* 1: use tcp:tcp_send_reset (no kprobe target) */
+#endif
+#ifndef CTT_RECEIVE_RESET_TRACEPOINT
+#define CTT_RECEIVE_RESET_TRACEPOINT 1
+#endif
+
+/*
+ * void tcp_v4_send_reset(const struct sock *sk, struct sk_buff *skb, ...)
+ * skb is the segment being answered; the RST goes back to its source.
+ * The kernel still returns without sending for a RST or a non-local
+ * destination: this records the attempt.
+ */
+int ctt_send_reset_enter(struct pt_regs *ctx, const struct sock *sk, struct sk_buff *skb)
+{
+	struct ctt_reset_event ev = {};
+	unsigned char *head = NULL;
+	__u16 network_off = 0, transport_off = 0;
+	struct net_device *dev = NULL;
+	struct iphdr iph = {};
+	struct tcphdr th = {};
+
+	CTT_READ(head, skb, struct sk_buff, head);
+	CTT_READ(network_off, skb, struct sk_buff, network_header);
+	CTT_READ(transport_off, skb, struct sk_buff, transport_header);
+	bpf_probe_read_kernel(&iph, sizeof(iph), head + network_off);
+	bpf_probe_read_kernel(&th, sizeof(th), head + transport_off);
+	if (th.rst)
+		return 0;  /* never answered */
+
+	ev.hdr.ts_ns = bpf_ktime_get_ns();
+	ev.hdr.kind = CTT_EV_RESET;
+	if (sk) {
+		ev.hdr.netns_ino = ctt_sock_netns(sk);
+	} else {
+#ifdef CONFIG_NET_NS
+		struct net *net = NULL;
+
+		CTT_READ(dev, skb, struct sk_buff, dev);
+		if (dev)
+			CTT_READ(net, dev, struct net_device, nd_net);
+		ev.hdr.netns_ino = ctt_net_ino(net);
+#endif
+	}
+	ev.sock_ptr = (__u64)sk;
+	ev.family = AF_INET;
+	ev.sent = 1;
+	__builtin_memcpy(ev.flow.saddr, &iph.daddr, sizeof(iph.daddr));
+	__builtin_memcpy(ev.flow.daddr, &iph.saddr, sizeof(iph.saddr));
+	ev.flow.sport_be = th.dest;
+	ev.flow.dport_be = th.source;
+	ctt_emit(ctx, &ev, sizeof(ev));
+	return 0;
+}
+
+/*
+ * Both tracepoints come from the tcp_event_sk(_skb) classes of
+ * include/trace/events/tcp.h: the socket's local address is saddr/sport,
+ * ports are already in host order.  `local` and `remote` are s or d: which
+ * side of the RST's own flow the socket's local address is on.
+ */
+#define CTT_RESET_FROM_TP(args, ev, sent_, local, remote)                     \
+	do {                                                                  \
+		(ev).hdr.ts_ns = bpf_ktime_get_ns();                          \
+		(ev).hdr.kind = CTT_EV_RESET;                                 \
+		(ev).hdr.netns_ino =                                          \
+			ctt_sock_netns((const struct sock *)(args)->skaddr);  \
+		(ev).sock_ptr = (__u64)(args)->skaddr;                        \
+		(ev).family = (args)->family;                                 \
+		(ev).sent = (sent_);                                          \
+		if ((args)->family == AF_INET6) {                             \
+			__builtin_memcpy((ev).flow.local##addr, (args)->saddr_v6, 16); \
+			__builtin_memcpy((ev).flow.remote##addr, (args)->daddr_v6, 16); \
+		} else {                                                      \
+			__builtin_memcpy((ev).flow.local##addr, (args)->saddr, 4); \
+			__builtin_memcpy((ev).flow.remote##addr, (args)->daddr, 4); \
+		}                                                             \
+		(ev).flow.local##port_be = htons((args)->sport);              \
+		(ev).flow.remote##port_be = htons((args)->dport);             \
+	} while (0)
+
+#if CTT_SEND_RESET_TRACEPOINT
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+	struct ctt_reset_event ev = {};
+
+	CTT_RESET_FROM_TP(args, ev, 1, s, d);
+	ctt_emit(args, &ev, sizeof(ev));
+	return 0;
+}
+#endif
+
+#if CTT_RECEIVE_RESET_TRACEPOINT
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+	struct ctt_reset_event ev = {};
+
+	CTT_RESET_FROM_TP(args, ev, 0, d, s);
+	ctt_emit(args, &ev, sizeof(ev));
+	return 0;
+}
+#endif

@@ -1,0 +1,122 @@
+"""The VM tier, seen from the host: one boot of Debian's kernel runs every test in tests/vm.
+
+This machine's kernel has no kprobes, so the BCC source is tested in Debian's
+``linux-image-amd64`` booted by virtme-ng under emulation
+(tests/vm/run_vm_tier.py; scripts/vm-setup.sh installs what it needs). The
+boot and the BCC compile cost minutes, so the whole guest run happens once
+per pytest session (a session fixture) and each guest test is reported here
+as a host test of the same name, failing with the guest's own message.
+
+The guest tests are listed by reading tests/vm/test_*.py (their top-level
+``test_*`` functions), so a test that the guest did not report (it crashed,
+or the VM died) fails here too. When the VM cannot be started at all, every
+test fails under CI (CI=true) and is skipped elsewhere, with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VM_DIR = REPO / "tests" / "vm"
+RUNNER = VM_DIR / "run_vm_tier.py"
+#: tests/vm/run_vm_tier.py's exit code when the VM cannot be started (what is missing is printed).
+SETUP_FAILED = 2
+#: The runner kills a hung VM after its own timeout (DEFAULT_TIMEOUT); this is above it.
+TIER_TIMEOUT_S = 1500
+
+pytestmark = pytest.mark.timeout(TIER_TIMEOUT_S)
+
+
+def guest_tests() -> list[str]:
+    """``module::test`` for every top-level test function in tests/vm/test_*.py."""
+    found = []
+    for path in sorted(VM_DIR.glob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        found += [f"{path.stem}::{node.name}" for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
+    return found
+
+
+@dataclass
+class TierRun:
+    rc: int
+    output: str
+    out_dir: Path
+    results: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """``module::test`` -> (outcome: passed|failed|error|skipped, message)."""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+
+def _parse_junit(path: Path) -> dict[str, tuple[str, str]]:
+    results: dict[str, tuple[str, str]] = {}
+    for case in ET.parse(path).iter("testcase"):
+        module = (case.get("classname") or "").rsplit(".", 1)[-1]
+        name = f"{module}::{case.get('name')}"
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "failed" if child.tag == "failure" else child.tag
+                message = "\n".join(filter(None, [child.get("message"), child.text]))
+                break
+        if name in results and results[name][0] != "passed":
+            continue  # a teardown error after a failure: keep the first report
+        results[name] = (outcome, message)
+    return results
+
+
+@pytest.fixture(scope="session")
+def vm_tier(tmp_path_factory: pytest.TempPathFactory) -> TierRun:
+    """Boot once and run every guest test (tests/vm/run_vm_tier.py)."""
+    out_dir = tmp_path_factory.mktemp("vm")
+    log = out_dir / "runner.log"
+    with open(log, "wb") as f:
+        proc = subprocess.run([sys.executable, str(RUNNER), "--out", str(out_dir / "guest")],
+                              stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                              cwd=REPO, timeout=TIER_TIMEOUT_S - 60, check=False)
+    output = log.read_text(errors="replace")
+    run = TierRun(rc=proc.returncode, output=output, out_dir=out_dir)
+    if proc.returncode == SETUP_FAILED:
+        reason = next((line for line in output.splitlines() if "cannot run" in line),
+                      output.strip()[-500:])
+        if os.environ.get("CI"):
+            pytest.fail(f"VM tier cannot run: {reason}", pytrace=False)
+        pytest.skip(f"VM tier: {reason}")
+    junit = out_dir / "guest" / "junit.xml"
+    if junit.exists():
+        run.results = _parse_junit(junit)
+    # What the runner measured (boot, compiles, wall), shown with -rA / in the log.
+    print(next((line for line in output.splitlines() if "guest exit" in line), ""))
+    return run
+
+
+@pytest.mark.parametrize("name", guest_tests())
+def test_in_vm(vm_tier: TierRun, name: str) -> None:
+    if name not in vm_tier.results:
+        pytest.fail(f"the guest reported no result for {name} (runner exit {vm_tier.rc}; "
+                    f"results in {vm_tier.out_dir}):\n{vm_tier.tail()}", pytrace=False)
+    outcome, message = vm_tier.results[name]
+    if outcome == "skipped":
+        if os.environ.get("CI"):
+            pytest.fail(f"skipped in the VM, which CI does not allow: {message}", pytrace=False)
+        pytest.skip(f"in the VM: {message}")
+    if outcome != "passed":
+        pytest.fail(f"{outcome} in the VM:\n{message}", pytrace=False)
+
+
+def test_vm_run_was_clean(vm_tier: TierRun) -> None:
+    """The guest's pytest exited 0 and reported nothing besides the known tests
+    (a collection error shows up as an unknown test)."""
+    unknown = sorted(set(vm_tier.results) - set(guest_tests()))
+    assert not unknown, f"the guest reported tests this file does not know: {unknown}"
+    assert vm_tier.rc == 0, f"guest run exit {vm_tier.rc}:\n{vm_tier.tail()}"

@@ -1,0 +1,210 @@
+"""The bpf source's userspace side without a kernel: what ``--dump-bpf`` prints, and how the
+kernel's loss counters and kretprobe misses reach the status line, JSON status and metrics.
+
+Nothing here compiles or loads anything: the BCC object is replaced by a fake that
+holds the per-CPU counter map's sums (what ``ctt_counters`` would), and tracefs by a
+directory with a ``kprobe_profile`` as the kernel writes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import select
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cttrace.agent import MetricsSink
+from cttrace.cli import app
+from cttrace.correlator import Correlator
+from cttrace.events import Lost
+from cttrace.metrics import Metrics
+from cttrace.runtime import Pipeline
+from cttrace.sinks.jsonl import JsonLinesSink
+from cttrace.sinks.live import LiveView
+from cttrace.sources import bpf as bpf_module
+from cttrace.sources.bpf import BpfSettings, BpfSource
+from cttrace.sources.bpf_layout import CNT_FILTERED, CNT_LOST, CNT_NOT_ACCEPTED, CNT_STASH_FULL
+from cttrace.sources.probe import BpfFeatures
+
+
+class FakeCounters:
+    """``bpf["ctt_counters"]``: a per-CPU array whose ``sum(slot).value`` adds the CPUs."""
+
+    def __init__(self) -> None:
+        self.values = [0, 0, 0, 0]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def sum(self, slot: int) -> ctypes.c_uint64:
+        return ctypes.c_uint64(self.values[slot])
+
+
+class FakeBpf:
+    def __init__(self) -> None:
+        self.counters = FakeCounters()
+        self.cleaned = False
+
+    def __getitem__(self, name: str) -> FakeCounters:
+        assert name == "ctt_counters"
+        return self.counters
+
+    def ring_buffer_consume(self) -> None:
+        pass
+
+    def cleanup(self) -> None:
+        self.cleaned = True
+
+
+def features(tracefs: Path | None, **overrides: object) -> BpfFeatures:
+    base = BpfFeatures(release="6.1.0-test", headers_dir=None, ringbuf=True,
+                       send_reset_kprobe=True, send_reset_tracepoint=True,
+                       receive_reset_tracepoint=True, tracefs=tracefs)
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def opened(tmp_path: Path) -> Iterator[tuple[BpfSource, FakeBpf, Path]]:
+    """A BpfSource as open() leaves it, on a fake BCC object and a fake tracefs."""
+    source = BpfSource()
+    fake = FakeBpf()
+    source._bpf = fake
+    source._features = features(tmp_path)
+    source._settings = BpfSettings()
+    source._epoll = select.epoll()
+    profile = tmp_path / "kprobe_profile"
+    pid = os.getpid()
+    # <event> <hits> <misses>; BCC names its tracefs probes [pr]_<func>_bcc_<pid>
+    profile.write_text(
+        f"  p_tcp_connect_bcc_{pid}                              120               0\n"
+        f"  r___nf_conntrack_confirm_bcc_{pid}                   500               2\n"
+        f"  r_nf_conntrack_tcp_packet_bcc_{pid}                 9000               1\n"
+        "  r_nf_conntrack_tcp_packet_bcc_1                     9000              50\n"
+    )
+    yield source, fake, profile
+    source.close()
+
+
+def test_stats_report_kernel_losses_and_kretprobe_misses(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    source, fake, _ = opened
+    fake.counters.values[CNT_LOST] = 5
+    fake.counters.values[CNT_STASH_FULL] = 2
+    fake.counters.values[CNT_FILTERED] = 40
+    fake.counters.values[CNT_NOT_ACCEPTED] = 1
+    stats = source.stats()
+    # A failed ring buffer write and a call whose return could not be matched both
+    # lose an event; another process's probes (pid 1) are not ours.
+    assert stats.lost == 7
+    assert stats.filtered == 40
+    assert stats.extra["kretprobe_misses"] == 3
+    assert stats.extra["kprobe_misses"] == 0
+    assert stats.extra["stash_full"] == 2
+    assert stats.extra["confirm_not_accepted"] == 1
+
+
+def test_read_turns_kernel_losses_into_a_lost_event_once(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    source, fake, _ = opened
+    assert source.read() == []
+    fake.counters.values[CNT_LOST] = 4
+    lost = source.read()
+    assert len(lost) == 1 and isinstance(lost[0], Lost)
+    assert (lost[0].source, lost[0].missed, lost[0].reason) == ("bpf", 4, "ring buffer full")
+    assert source.read() == []  # counted once
+    fake.counters.values[CNT_STASH_FULL] = 1
+    assert [e.missed for e in source.read() if isinstance(e, Lost)] == [1]
+
+
+def test_losses_and_misses_reach_status_line_json_and_metrics(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    source, fake, _ = opened
+    fake.counters.values[CNT_LOST] = 7
+    console = Console(file=io.StringIO(), width=300, record=True)
+    view = LiveView(Correlator(), None, console=console)
+    out = io.BytesIO()
+    json_sink = JsonLinesSink(out)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.add_source("bpf", source.stats)
+    pipeline = Pipeline(source, Correlator(), [view, json_sink, MetricsSink(metrics)])
+    summary = pipeline.run(threading.Event(), duration=0)
+    view.close()
+
+    assert summary.lost == 7
+    screen = console.export_text()
+    assert "source bpf" in screen and "lost 7" in screen and "kretprobe misses 3" in screen
+    status = orjson.loads(out.getvalue().splitlines()[0])
+    assert (status["kind"], status["lost"], status["kretprobe_misses"]) == ("status", 7, 3)
+    assert registry.get_sample_value("cttrace_lost_events_total", {"source": "bpf"}) == 7
+    assert registry.get_sample_value("cttrace_kretprobe_misses_total", {"source": "bpf"}) == 3
+
+
+def test_close_detaches_through_bcc(opened: tuple[BpfSource, FakeBpf, Path]) -> None:
+    source, fake, _ = opened
+    source.close()
+    source.close()  # idempotent
+    assert fake.cleaned
+
+
+# --- --dump-bpf -------------------------------------------------------------------------
+
+
+def test_dump_bpf_prints_the_program_for_this_kernel_without_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A kernel without ring buffers and without a probeable tcp_v4_send_reset.
+    monkeypatch.setattr(bpf_module, "check_bpf", lambda headers: features(
+        None, ringbuf=False, send_reset_kprobe=False))
+    netns = tmp_path / "netns"  # --netns takes a path too; its inode is the filter
+    netns.write_text("")
+    result = CliRunner().invoke(app, ["watch", "--dump-bpf", "--netns", str(netns)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert text.startswith("/* cttrace BPF program")
+    assert f"#define CTT_NETNS_INO {netns.stat().st_ino}U\n" in text
+    assert "#define CTT_USE_RINGBUF 0\n" in text
+    assert "#define CTT_SEND_RESET_TRACEPOINT 1\n" in text
+    for name in bpf_module.PROGRAM_FILES:
+        assert f"/* ==== bpf/{name} ==== */" in text
+    for function in ("ctt_confirm_enter", "ctt_tcp_packet_return", "ctt_ct_delete",
+                     "ctt_connect_enter", "ctt_send_reset_enter"):
+        assert f"int {function}(" in text
+    assert '#include "cttrace.h"' not in text  # inlined once, at the top
+    assert "bcc" not in sys.modules
+
+
+def test_dump_bpf_on_a_kernel_that_cannot_run_it_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cttrace.errors import SourceError
+
+    def refuse(headers: str | None) -> BpfFeatures:
+        raise SourceError("kprobes unavailable: CONFIG_KPROBES is not set on 6.18.44")
+
+    monkeypatch.setattr(bpf_module, "check_bpf", refuse)
+    result = CliRunner().invoke(app, ["watch", "--dump-bpf"])
+    assert result.exit_code == 0, result.output
+    first, rest = result.output.split("\n", 1)
+    assert "cannot run the bpf source (kprobes unavailable: CONFIG_KPROBES is not set" in first
+    assert rest.startswith("/* cttrace BPF program") and "#define CTT_USE_RINGBUF 1\n" in rest
+
+
+def test_dump_bpf_names_a_missing_netns(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["watch", "--dump-bpf", "--netns", "ctl-no-such-ns"])
+    assert result.exit_code == 2
+    assert "network namespace 'ctl-no-such-ns' not found" in result.output

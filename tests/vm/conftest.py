@@ -1,0 +1,312 @@
+"""Guest side of the VM tier: one BCC compile per boot, shared by every test.
+
+These tests run only inside the Debian kernel that tests/vm/run_vm_tier.py
+boots (it sets CTTRACE_VM_GUEST=1); anywhere else they are not collected,
+because this machine's own kernel has no kprobes. The host-side entry point,
+tests/test_vm_tier.py, fails when the VM cannot run.
+
+Compiling and loading the programs takes ~2 minutes under emulation, and
+there are two users of a compile: test_bpf_source.py opens one
+:class:`BpfSource` in-process (filtered to one node namespace; its tests read
+the same :class:`EventLog`, each on its own tuples), and test_watch_bpf.py
+drives one long-lived ``cttrace watch --source bpf`` process, the way a user
+runs it, through every lab scenario in turn. The watch process is started as
+soon as the tests are collected, so that both compiles run at the same time
+(the guest has two CPUs); the in-process source is closed when its module
+ends, so that the last test can check that no cttrace program is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cttrace.events import Event
+from cttrace.sources import Source
+from cttrace.sources.bpf import BpfSource
+from cttrace.sources.bpf_layout import decode
+from tests.watch_process import WatchProcess
+
+from .topology import Topology
+
+GUEST = os.environ.get("CTTRACE_VM_GUEST") == "1"
+if not GUEST:
+    collect_ignore_glob = ["test_*.py"]
+
+#: Where the runner collects results (a --rwdir shared with the host).
+OUT_DIR = Path(os.environ.get("CTTRACE_VM_OUT", "/tmp"))
+#: A BCC compile under emulation takes ~2 minutes, longer with two at once.
+COMPILE_DEADLINE_S = 420.0
+
+
+class DrainedWatchProcess(WatchProcess):
+    """A :class:`WatchProcess` whose stderr is read as it comes: BCC prints its
+    compiler's warnings there, and a full pipe would stop the process."""
+
+    def __init__(self, args: list[str], ready_file: Path) -> None:
+        super().__init__(args, ready_file)
+        self._err = bytearray()
+        self._err_reader = threading.Thread(target=self._drain, daemon=True)
+        self._err_reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        while chunk := os.read(fd, 65536):
+            self._err += chunk
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                self._err_reader.join(timeout=10)
+                raise AssertionError(f"cttrace exited early ({self.proc.returncode}): "
+                                     f"{self._err.decode(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"cttrace did not become ready within {timeout:.0f} s; "
+                                     f"{self.diagnose()}")
+            time.sleep(0.1)
+
+    def diagnose(self) -> str:
+        """Where a stuck process is: each thread's state and kernel stack, then its Python
+        stacks (SIGABRT: PYTHONFAULTHANDLER prints them as it dies), then its stderr."""
+        pid = self.proc.pid
+        parts = []
+        for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+            with contextlib.suppress(OSError):
+                state = next(line for line in (task / "status").read_text().splitlines()
+                             if line.startswith("State:"))
+                parts.append(f"thread {task.name} {state} wchan={(task / 'wchan').read_text()}"
+                             f"\n{(task / 'stack').read_text()}")
+        self.proc.send_signal(signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        self._err_reader.join(timeout=10)
+        parts.append(f"stderr: {self._err.decode(errors='replace')[-6000:]}")
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        rc = super().stop(timeout)  # its read of stderr finds it drained
+        self._err_reader.join(timeout=timeout)
+        self.stderr = bytes(self._err) + self.stderr
+        return rc
+
+    def terminate(self) -> None:
+        """SIGTERM, as a container runtime stops it."""
+        self.proc.send_signal(signal.SIGTERM)
+
+
+class SharedWatch:
+    """One ``cttrace watch --source bpf --output json`` process for every scenario.
+
+    It follows ``identity.jsonl`` in its directory, a symlink that
+    :meth:`follow` points at each lab's own identity file in turn (the
+    follower sees a new inode at the path and starts over on it), and
+    :meth:`caught_up` tells a lab when the process has read that file to its
+    end, so that a scenario's first packet never beats its pods' identity.
+    ``prog_ids_before``: the BPF programs loaded before it started.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ctl-watch-"))
+        self.link = self.dir / "identity.jsonl"
+        # An empty cluster to start with: --ready-file waits for identity in sync
+        # (read to its end), which a missing file never is.
+        start = self.dir / "identity-start.jsonl"
+        start.touch()
+        self.follow(start)
+        self.prog_ids_before = bpf_prog_ids()
+        self.started = time.time()
+        os.environ["PYTHONFAULTHANDLER"] = "1"  # for diagnose(): Python stacks on SIGABRT
+        try:
+            self.process = DrainedWatchProcess(
+                ["--source", "bpf", "--output", "json", "--flows",
+                 "--identity-file", str(self.link), "--dead-after", "2"],
+                self.dir / "ready",
+            )
+        finally:
+            del os.environ["PYTHONFAULTHANDLER"]
+
+    def follow(self, identity: Path) -> None:
+        tmp = self.dir / "identity.jsonl.new"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(identity)
+        os.replace(tmp, self.link)
+
+    def caught_up(self, identity: Path) -> bool:
+        """The watch process holds ``identity`` open and has read all of it."""
+        want = os.path.realpath(identity)
+        pid = self.process.proc.pid
+        try:
+            size = os.stat(want).st_size
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") != want:
+                        continue
+                    info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                except OSError:
+                    continue
+                pos = int(info.split("pos:", 1)[1].split()[0])
+                return pos >= size
+        except OSError:
+            return False
+        return False
+
+    def close(self) -> None:
+        """Kill it if still running; keep what it printed in the results directory."""
+        self.process.kill()
+        self.process._reader.join(timeout=10)
+        while not self.process._q.empty():
+            line = self.process._q.get_nowait()
+            if line is not None:
+                self.process.lines.append(line)
+        with contextlib.suppress(OSError), open(OUT_DIR / "watch.log", "w") as log:
+            log.write(self.process._err.decode(errors="replace"))
+            log.write("\n--- stdout lines read ---\n")
+            log.writelines(json.dumps(line) + "\n" for line in self.process.lines)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def bpf_prog_ids() -> set[int]:
+    """Ids of the BPF programs loaded in the kernel now (``bpftool prog show``)."""
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    out = subprocess.run([bpftool, "--json", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(prog["id"]) for prog in json.loads(out or "[]")}
+
+
+_shared_watch: SharedWatch | None = None
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """Start the shared watch process now if any test needs it: its compile then
+    overlaps the in-process one."""
+    global _shared_watch
+    if GUEST and _shared_watch is None and any(
+        "bpf_watch" in getattr(item, "fixturenames", ()) for item in items
+    ):
+        _shared_watch = SharedWatch()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _shared_watch is not None:
+        _shared_watch.close()
+
+
+@pytest.fixture(scope="session")
+def bpf_watch() -> SharedWatch:
+    """The shared ``cttrace watch --source bpf`` process, attached (its ready file written)."""
+    assert _shared_watch is not None, "started by pytest_collection_modifyitems"
+    watch = _shared_watch
+    if not watch.process.ready_file.exists():
+        watch.process.wait_ready(timeout=COMPILE_DEADLINE_S)
+    write_timing("watch_compile_and_attach_s",
+                  watch.process.ready_file.stat().st_mtime - watch.started)
+    return watch
+
+
+class EventLog:
+    """Everything a source delivered, searchable by the tests.
+
+    ``raws``: the raw records behind the events, when the source is the bpf one.
+    """
+
+    def __init__(self, source: Source, raws: list[bytes] | None = None) -> None:
+        self.source = source
+        self.events: list[Event] = []
+        self.raws = raws if raws is not None else []
+
+    def pump(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.source.fileno()], [], [], timeout)
+        if ready:
+            self.events.extend(self.source.read())
+
+    def wait_for(self, predicate: Callable[[Event], bool], what: str,
+                 timeout: float = 60.0) -> Event:
+        """The first event matching ``predicate``, waiting up to ``timeout`` s for it."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if predicate(event):
+                    return event
+            seen = len(self.events)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {what} within {timeout} s; got {self.events[-20:]}")
+            self.pump(min(remaining, 1.0))
+
+    def matching(self, predicate: Callable[[Event], bool]) -> list[Event]:
+        return [event for event in self.events if predicate(event)]
+
+    def raw_of(self, event: Event) -> bytes:
+        """The raw record an event was decoded from (same decoder, clock offset aside)."""
+        for raw in self.raws:
+            if decode(raw)._replace(ts=0.0) == event._replace(ts=0.0):
+                return raw
+        raise LookupError(f"no raw record for {event}")
+
+
+@pytest.fixture(scope="session")
+def topology() -> Iterator[Topology]:
+    topo = Topology()
+    try:
+        topo.create()
+        yield topo
+    finally:
+        topo.destroy()
+
+
+@pytest.fixture(scope="module")
+def raws() -> list[bytes]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def bpf(topology: Topology, raws: list[bytes]) -> Iterator[BpfSource]:
+    """The one in-process BpfSource, reporting the node namespace's entries; closed
+    when the module that uses it ends."""
+    source = BpfSource(netns_ino=topology.netns_ino(topology.node_ns), on_raw=raws.append)
+    started = time.monotonic()
+    source.open()
+    write_timing("compile_and_attach_s", time.monotonic() - started)
+    try:
+        yield source
+    finally:
+        source.close()
+
+
+@pytest.fixture(scope="module")
+def tracer(bpf: BpfSource, raws: list[bytes]) -> EventLog:
+    return EventLog(bpf, raws)
+
+
+@pytest.fixture(scope="session")
+def samples() -> Iterator[dict[str, dict[str, object]]]:
+    """Raw records with what the scenario says they hold, for tests/unit/data/bpf/."""
+    recorded: dict[str, dict[str, object]] = {}
+    yield recorded
+    out = OUT_DIR / "bpf-samples"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, sample in recorded.items():
+        (out / f"{name}.json").write_text(json.dumps(sample, indent=1, sort_keys=True) + "\n")
+
+
+def write_timing(key: str, seconds: float) -> None:
+    path = OUT_DIR / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[key] = round(seconds, 1)
+    path.write_text(json.dumps(timings))

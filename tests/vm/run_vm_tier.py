@@ -1,0 +1,179 @@
+"""Boot Debian's kernel once under virtme-ng and run the whole VM tier inside it.
+
+This machine's own kernel has no kprobes, so the BCC programs are tested in
+Debian's ``linux-image-amd64`` booted by virtme-ng with TCG emulation
+(``--disable-kvm``: KVM does not boot here). The guest runs on the host's
+root filesystem (copy-on-write), so it sees this repository, its venv, BCC
+and the kernel headers where the host has them; one directory is shared
+read-write for the results (exit code, junit XML, timings, recorded BPF
+samples).
+
+    python tests/vm/run_vm_tier.py [--kernel /boot/vmlinuz-X] [--record] [--out DIR]
+                                   [-- pytest args]
+
+Exit code: the guest's pytest exit code; 2 when the VM cannot be started
+(what is missing is printed); 3 when the guest never reported a result.
+scripts/vm-setup.sh installs everything this needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_SCRIPT = REPO / "tests" / "vm" / "guest.sh"
+SAMPLES_DIR = REPO / "tests" / "unit" / "data" / "bpf"
+#: A hung guest must not eat CI's 90 minutes: boot ~30 s, compile ~2 min, tests ~2 min.
+DEFAULT_TIMEOUT = 1200.0
+#: Each guest test may wait for the session's one BCC compile.
+GUEST_TEST_TIMEOUT = 900
+
+
+class SetupError(Exception):
+    """Something the VM tier needs is missing; the message says what to install."""
+
+
+def find_kernel(explicit: str | None) -> Path:
+    """The kernel image to boot: ``explicit``, else the newest /boot/vmlinuz-* with headers.
+
+    Headers are required because BCC in the guest compiles against
+    /lib/modules/<version>/build, and the running kernel is skipped because
+    it is the one without kprobes.
+    """
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise SetupError(f"kernel image {path} does not exist")
+        return path
+    running = os.uname().release
+    candidates = []
+    for image in sorted(Path("/boot").glob("vmlinuz-*")):
+        version = image.name.removeprefix("vmlinuz-")
+        build = Path("/lib/modules") / version / "build"
+        if version != running and (build / "include" / "generated" / "autoconf.h").is_file():
+            candidates.append(image)
+    if not candidates:
+        raise SetupError(
+            "no kernel image with headers in /boot (need /boot/vmlinuz-<v> and "
+            "/lib/modules/<v>/build): run scripts/vm-setup.sh"
+        )
+    return candidates[-1]
+
+
+def find_vng() -> tuple[Path, dict[str, str]]:
+    """virtme-ng's ``vng`` (beside this interpreter first) and the PATH it needs.
+
+    vng runs ``virtme-run`` and ``qemu-system-x86_64`` from PATH.
+    """
+    env = dict(os.environ)
+    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    vng = shutil.which("vng", path=env["PATH"])
+    if vng is None:
+        raise SetupError(f"vng not found: {bin_dir}/pip install virtme-ng (scripts/vm-setup.sh)")
+    if shutil.which("qemu-system-x86_64", path=env["PATH"]) is None:
+        raise SetupError("qemu-system-x86_64 not found: apt install qemu-system-x86")
+    return Path(vng), env
+
+
+def vng_command(vng: Path, kernel: Path, out: Path, pytest_args: list[str],
+                memory: str, cpus: int) -> list[str]:
+    guest = " ".join(
+        [
+            "sh", str(GUEST_SCRIPT), str(out), sys.executable,
+            f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args,
+        ]
+    )
+    return [
+        str(vng),
+        "--disable-kvm",  # TCG: KVM is not available on these machines
+        "--run", str(kernel),
+        "--memory", memory,
+        "--cpus", str(cpus),
+        "--rwdir", str(out),  # the only host directory the guest can write to
+        "--exec", guest,
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    kernel = find_kernel(args.kernel)
+    vng, env = find_vng()
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="ctl-vm-"))
+    cmd = vng_command(vng, kernel, out, args.pytest_args, args.memory, args.cpus)
+    print(f"cttrace-vm: booting {kernel} ({' '.join(cmd[:-1])} ...)", flush=True)
+    started = time.monotonic()
+    try:
+        subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                       timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"cttrace-vm: the VM did not finish within {args.timeout:.0f} s", file=sys.stderr)
+        return 3
+    wall = time.monotonic() - started
+
+    rc_file = out / "rc"
+    if not rc_file.exists():
+        print(f"cttrace-vm: the guest reported no result (see the output above; {out})",
+              file=sys.stderr)
+        return 3
+    rc = int(rc_file.read_text().strip())
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    boot = (out / "boot_s").read_text().strip() if (out / "boot_s").exists() else "?"
+    timings.update(boot_s=boot, wall_s=round(wall, 1))
+    timings_file.write_text(json.dumps(timings))
+    print(
+        f"cttrace-vm: guest exit {rc}; boot {boot} s, BCC compile+attach "
+        f"{timings.get('compile_and_attach_s', '?')} s in-process and "
+        f"{timings.get('watch_compile_and_attach_s', '?')} s in `cttrace watch` (at the same "
+        f"time), whole tier {wall:.0f} s wall",
+        flush=True,
+    )
+    if args.record:
+        recorded = sorted((out / "bpf-samples").glob("*.json"))
+        SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
+        for sample in recorded:
+            shutil.copy(sample, SAMPLES_DIR / sample.name)
+        print(f"cttrace-vm: recorded {len(recorded)} samples into {SAMPLES_DIR}")
+    if rc == 0 and not args.keep and not args.out:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        print(f"cttrace-vm: results kept in {out}")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", help="kernel image (default: newest /boot/vmlinuz-* "
+                        "with headers, other than the running one)")
+    parser.add_argument("--memory", default="3G", help="guest memory (default 3G)")
+    parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="seconds before the VM is killed")
+    parser.add_argument("--record", action="store_true",
+                        help=f"copy the recorded BPF records into {SAMPLES_DIR}")
+    parser.add_argument("--keep", action="store_true", help="keep the results directory")
+    parser.add_argument("--out", help="results directory (kept): rc, junit.xml, timings.json, "
+                        "bpf-samples/; default: a new /tmp/ctl-vm-* removed after success")
+    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except SetupError as exc:
+        print(f"cttrace-vm: cannot run the VM tier: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
