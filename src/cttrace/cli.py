@@ -218,7 +218,8 @@ def demo(
     scenario: Annotated[str, typer.Argument(
         help="recycled-ip (a retry reaches the pod that inherited a dead pod's IP), dead-pod "
         "(a connection keeps sending to a vanished pod), bridge-no-brnf (replies bypass "
-        "conntrack on a bridge).")] = "recycled-ip",
+        "conntrack on a bridge), snat-race (concurrent connections clash on one MASQUERADE "
+        "tuple and SYNs are dropped).")] = "recycled-ip",
     source: SourceOpt = SourceKind.auto,
     output: Annotated[OutputKind, typer.Option(
         "--output", "-o", help="table (live view) or json; auto: table on a terminal.")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from cttrace.findings import Finding, Rule
 from cttrace.watch import WatchOptions, run_watch
@@ -22,6 +24,7 @@ EXPECTED = {
     "recycled-ip": Rule.WRONG_POD,
     "dead-pod": Rule.DEAD_ENDPOINT,
     "bridge-no-brnf": Rule.UNNATED_REPLY,
+    "snat-race": Rule.SNAT_COLLISION,
 }
 
 
@@ -63,6 +66,14 @@ def run_demo(scenario: str, opts: WatchOptions, stop: threading.Event) -> int:
     return _verdict(scenario, result, found, expected)
 
 
+#: Above this many client attempts, the verdict counts outcomes instead of listing each.
+MAX_ATTEMPT_LINES = 4
+
+
+def _outcome(attempt: Any) -> str:
+    return f"answered by {attempt.answered_by}" if attempt.answered_by else attempt.outcome
+
+
 def _verdict(scenario: str, result: object, found: list[Finding], expected: Rule | None) -> int:
     out = sys.stderr
     if result is None:
@@ -70,11 +81,14 @@ def _verdict(scenario: str, result: object, found: list[Finding], expected: Rule
         return 130
     lines: list[str] = [""]
     attempts = getattr(result, "attempts", ())
-    service = getattr(result, "service", None)
-    for a in attempts:
-        got = f"answered by {a.answered_by}" if a.answered_by else a.outcome
-        lines.append(f"client {getattr(result, 'client', '?')} -> Service {service} "
-                     f"from port {a.sport}: {got}")
+    who = f"client {getattr(result, 'client', '?')} -> Service {getattr(result, 'service', None)}"
+    if len(attempts) <= MAX_ATTEMPT_LINES:
+        for a in attempts:
+            lines.append(f"{who} from port {a.sport}: {_outcome(a)}")
+    else:  # a burst (snat-race): one line per outcome
+        outcomes = Counter(_outcome(a) for a in attempts)
+        lines.append(f"{who}: {len(attempts)} connections at once: "
+                     + ", ".join(f"{n} {got}" for got, n in outcomes.most_common()))
     caught = [f for f in found if f.rule is expected]
     if caught:
         f = caught[0]
