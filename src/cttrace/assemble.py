@@ -65,6 +65,9 @@ def build_identity(
         def on_error(lineno: int, message: str) -> None:
             warn(f"{identity_file}:{lineno}: skipped: {message}")
 
+        if not identity_file.exists():  # followed like tail -F: it may be created later
+            warn(f"identity file {identity_file} does not exist yet: waiting for it; until "
+                 "then findings carry no names")
         pollers.append(IdentityFileFollower(identity_file, index, on_error=on_error))
     if kube:
         from cttrace.identity.kube import KubeIdentitySource

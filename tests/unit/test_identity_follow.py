@@ -165,3 +165,18 @@ def test_load_file_reads_everything_once(tmp_path: Path) -> None:
 def test_load_file_missing_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(IdentityError, match="does not exist"):
         load_file(tmp_path / "nope.jsonl", IdentityIndex())
+
+
+def test_watch_says_once_that_it_waits_for_a_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cttrace.assemble import build_identity
+
+    later = tmp_path / "later.jsonl"
+    build_identity(later)
+    err = capsys.readouterr().err
+    assert err == (f"cttrace: identity file {later} does not exist yet: waiting for it; "
+                   "until then findings carry no names\n")
+    later.write_text("")
+    build_identity(later)
+    assert capsys.readouterr().err == ""
