@@ -4,6 +4,10 @@ Why it exists: the netlink source decodes every event the kernel filter lets
 through, so a decoder that is too slow turns into ENOBUFS loss. This justifies
 (or not) keeping a hand-written decoder instead of pyroute2's.
 
+A third row runs cttrace's decoder with its fast path (the kernel's usual
+layout of a TCP event, read with two ``unpack_from`` calls) turned off, to
+show what that path buys.
+
 Both sides start from the same bytes (the kernel messages recorded in
 tests/unit/data/ctnetlink/messages.jsonl, laid end to end as one ``read()``
 batch) and end with the same list of :class:`cttrace.events.CtEvent` for the
@@ -29,6 +33,7 @@ from pyroute2.netlink.marshal import Marshal  # noqa: E402
 from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket  # noqa: E402
 
 from cttrace.events import NAT_MASK, CtEvent, CtKind, Flow  # noqa: E402
+from cttrace.sources import ctnetlink  # noqa: E402
 from cttrace.sources.ctnetlink import (  # noqa: E402
     MSG_CT_DELETE,
     NLM_F_CREATE,
@@ -107,6 +112,16 @@ def ours(buf: bytes, ts: float) -> list[CtEvent]:
     return decode_messages(buf, ts).events
 
 
+def general_path_only(buf: bytes, ts: float) -> list[CtEvent]:
+    """cttrace's decoder with its fast path for the kernel's usual layout turned off."""
+    fast = ctnetlink._decode_fast
+    ctnetlink._decode_fast = lambda *args: None
+    try:
+        return decode_messages(buf, ts).events
+    finally:
+        ctnetlink._decode_fast = fast
+
+
 def rate(
     fn: Callable[[bytes, float], list[CtEvent]], buf: bytes, n_msgs: int, batches: int
 ) -> float:
@@ -139,11 +154,16 @@ def main() -> None:
         picked = [datagrams[i % len(datagrams)] for i in range(args.batch_size)]
         buf = b"".join(picked)  # ctnetlink messages are 4-byte aligned already
         mine, theirs = ours(buf, 1.0), pyroute2_decode(buf, 1.0)
-        if mine != theirs:
+        if mine != theirs or general_path_only(buf, 1.0) != theirs:
             raise SystemExit("decoders disagree on the recorded messages")
         slow = rate(pyroute2_decode, buf, len(picked), max(1, args.batches // 10))
+        general = rate(general_path_only, buf, len(picked), args.batches)
         fast = rate(ours, buf, len(picked), args.batches)
-        for name, r in (("pyroute2 nfct_msg", slow), ("cttrace ctnetlink", fast)):
+        for name, r in (
+            ("pyroute2 nfct_msg", slow),
+            ("cttrace ctnetlink, general path only", general),
+            ("cttrace ctnetlink", fast),
+        ):
             print(f"| {label} | {name} | {r:,.0f} | {1e6 / r:.2f} | {r / slow:.1f}x |")
 
 

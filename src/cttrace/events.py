@@ -13,6 +13,8 @@ events and identity changes (stamped when cttrace reads them) share one axis.
 
 from __future__ import annotations
 
+import socket
+import sys
 from enum import IntEnum, IntFlag
 from typing import NamedTuple
 
@@ -85,8 +87,35 @@ def state_name(state: int | None) -> str:
         return f"STATE_{state}"
 
 
+class _AddressTexts(dict[bytes, str]):
+    """Packed IPv4/IPv6 address -> its ``inet_ntop`` text, the same ``str`` object every time.
+
+    Sources see the same few hundred addresses (the node's pods, the Service
+    VIPs) in event after event. Looking the packed bytes up here costs a dict
+    hit instead of an ``inet_ntop``, and every Flow of one address shares one
+    string, so tracked entries don't each carry copies. The text is
+    ``sys.intern``-ed: the identity index interns the addresses it parses the
+    same way, so the two share it too. Bounded: emptied when full.
+    """
+
+    max_size = 16_384
+
+    def __missing__(self, packed: bytes) -> str:
+        family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+        text = sys.intern(socket.inet_ntop(family, packed))  # ValueError for other lengths
+        if len(self) >= self.max_size:
+            self.clear()
+        self[packed] = text
+        return text
+
+
+#: ``address_text[packed]``: the text of a 4- or 16-byte address (see _AddressTexts).
+address_text = _AddressTexts()
+
+
 class Flow(NamedTuple):
-    """One direction of a conntrack tuple. Addresses are text (IPv4 or IPv6)."""
+    """One direction of a conntrack tuple. Addresses are text (IPv4 or IPv6), as
+    :data:`address_text` makes them."""
 
     src: str
     sport: int

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import random
 import socket
 import struct
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from cttrace.errors import NotRootError, SourceError
-from cttrace.events import NAT_MASK, CtEvent, CtKind, CtStatus, Flow, TcpState
+from cttrace.events import NAT_MASK, CtEvent, CtKind, CtStatus, Flow, TcpState, _AddressTexts
 from cttrace.netns import NetnsError, netns_path
 from cttrace.sources import ctnetlink as ct
 from cttrace.sources.netlink import _socket_error
@@ -328,3 +329,99 @@ def test_missing_netns_lists_what_ip_netns_list_has(tmp_path: Path) -> None:
         netns_path("nope", str(tmp_path))
     assert "'nope' not found" in str(info.value) and "node-a, node-b" in str(info.value)
     assert netns_path("node-a", str(tmp_path)) == str(tmp_path / "node-a")
+
+
+# --- the fast path ------------------------------------------------------------------
+
+
+def _entry_bounds(data: bytes) -> tuple[int, int, CtKind]:
+    """Where the attributes of the single message ``data`` start and end, and its kind."""
+    mlen, mtype, mflags = struct.unpack_from("=IHH", data)
+    if mtype == ct.MSG_CT_DELETE:
+        kind = CtKind.DESTROY
+    else:
+        kind = CtKind.NEW if mflags & ct.NLM_F_CREATE else CtKind.UPDATE
+    return ct.ATTRS_OFFSET, min(mlen, len(data)), kind
+
+
+@pytest.mark.parametrize("phase", ["tcp4-dnat", "tcp6-dnat", "tcp4-plain", "for-dump"])
+def test_recorded_tcp_events_take_the_fast_path(phase: str) -> None:
+    # The layout documented in ctnetlink.py is the one this kernel writes; if it ever
+    # stops matching, decoding stays right but slow, and this says so.
+    for group, data in datagrams(phase):
+        start, end, kind = _entry_bounds(data)
+        assert ct._decode_fast(data, start, end, kind, 1.0) is not None, group
+
+
+def test_recorded_tcp_destroy_events_take_the_fast_path_unless_zoned() -> None:
+    fast = 0
+    for _group, data in datagrams("flush"):
+        start, end, kind = _entry_bounds(data)
+        general = ct._decode_entry(data, start, end, kind, 1.0)
+        if general == ct._FILTERED:
+            continue  # the UDP entry
+        assert isinstance(general, CtEvent)
+        if general.zone == 0:
+            assert ct._decode_fast(data, start, end, kind, 1.0) == general
+            fast += 1
+        else:
+            assert ct._decode_fast(data, start, end, kind, 1.0) is None
+    assert fast >= 4
+
+
+def test_zone_and_dump_messages_take_the_general_path() -> None:
+    for _group, data in datagrams("tcp4-dnat-zone7-mark42"):
+        start, end, kind = _entry_bounds(data)
+        assert ct._decode_fast(data, start, end, kind, 1.0) is None
+
+
+def _mutations(seed: int, count: int) -> list[bytes]:
+    """Recorded messages with a few bytes changed (headers, lengths, values) or cut short."""
+    rng = random.Random(seed)
+    singles = [bytes.fromhex(r["hex"]) for r in RECORDS if r["phase"] != "dump"]
+    out = []
+    for _ in range(count):
+        data = bytearray(rng.choice(singles))
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            pos = rng.randrange(ct.ATTRS_OFFSET, len(data))
+            if rng.random() < 0.5:
+                data[pos] ^= 1 << rng.randrange(8)
+            else:
+                data[pos] = rng.choice((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 0x80, 0xFF))
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(ct.ATTRS_OFFSET, len(data) + 1)]
+        out.append(bytes(data))
+    return out
+
+
+def test_fast_path_agrees_with_the_general_path() -> None:
+    cases = [bytes.fromhex(r["hex"]) for r in RECORDS if r["phase"] != "dump"]
+    cases += _mutations(seed=7, count=3000)
+    taken = 0
+    for data in cases:
+        start, end, kind = _entry_bounds(data)
+        fast = ct._decode_fast(data, start, end, kind, 1.0)
+        if fast is None:
+            continue
+        taken += 1
+        assert fast == ct._decode_entry(data, start, end, kind, 1.0), data.hex()
+        if isinstance(fast, CtEvent):
+            assert type(fast.orig) is type(fast.reply) is Flow
+    assert taken > 500  # the mutations exercise the fast path, not only its refusals
+
+
+def test_addresses_are_shared_strings() -> None:
+    events = decode_phase("tcp4-dnat") + decode_phase("tcp6-dnat")
+    assert events[0].orig.src is events[1].orig.src is events[0].reply.dst
+    assert events[-1].target[0] is events[-2].target[0] == "::1"
+
+
+def test_address_texts_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = _AddressTexts()
+    monkeypatch.setattr(texts, "max_size", 3)
+    for i in range(10):
+        assert texts[bytes((10, 0, 0, i))] == f"10.0.0.{i}"
+        assert len(texts) <= 3
+    assert texts[socket.inet_pton(socket.AF_INET6, "fd00::1")] == "fd00::1"
+    with pytest.raises(ValueError):
+        texts[b"\x01\x02"]
