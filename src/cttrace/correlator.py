@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cttrace.events import (
     CtEvent,
@@ -66,13 +66,23 @@ class Settings:
     """Bound on remembered ``connect()`` tuples."""
 
 
+#: What an entry has been reported for, until its first finding: one object for all.
+_NOTHING_REPORTED: frozenset[Rule] = frozenset()
+
+
 @dataclass(slots=True)
 class Entry:
-    """What the correlator remembers of one NATed TCP conntrack entry."""
+    """What the correlator remembers of one NATed TCP conntrack entry.
+
+    One per live entry, so kept small (bench/pipeline.py measures the bytes):
+    the target as two fields rather than a tuple of its own, and the rules
+    reported as a frozenset shared by every entry not reported yet.
+    """
 
     entry_id: int
     orig: Flow
-    target: tuple[str, int]
+    target_ip: str
+    target_port: int
     created: float | None  # None: seen first in a dump, creation not observed
     state: int | None
     status: int
@@ -80,11 +90,19 @@ class Entry:
     last_seen: float
     replied: float | None = None
     creator: SockConnect | None = None
-    reported: set[Rule] = field(default_factory=set)
+    reported: frozenset[Rule] = _NOTHING_REPORTED
 
     @property
     def key(self) -> Flow:
         return self.orig
+
+    @property
+    def target(self) -> tuple[str, int]:
+        """The DNAT target (backend) as ``(ip, port)``."""
+        return (self.target_ip, self.target_port)
+
+    def mark_reported(self, rule: Rule) -> None:
+        self.reported = self.reported | {rule}
 
 
 @dataclass(slots=True)
@@ -197,7 +215,8 @@ class Correlator:
         entry = Entry(
             entry_id=ev.entry_id,
             orig=ev.orig,
-            target=ev.target,
+            target_ip=ev.reply.src,
+            target_port=ev.reply.sport,
             created=created,
             state=ev.tcp_state,
             status=ev.status,
@@ -268,10 +287,10 @@ class Correlator:
         assert entry.created is not None
         unreplied = t1 - entry.created
         client, service, old_owner = self._names(entry, entry.created)
-        new_owner = self.identity.owner_at(entry.target[0], t1) if self.identity else None
+        new_owner = self.identity.owner_at(entry.target_ip, t1) if self.identity else None
         summary = (
             f"{_who(client, entry.orig.src)} -> {_svc(service, entry.orig)}: entry stayed "
-            f"unreplied {unreplied:.1f}s, then {entry.target[0]}:{entry.target[1]} answered "
+            f"unreplied {unreplied:.1f}s, then {entry.target_ip}:{entry.target_port} answered "
             "on the old DNAT decision (a retry from the same source port inherits it)"
         )
         return _finding(
@@ -296,7 +315,7 @@ class Correlator:
         identity = self.identity
         assert identity is not None and entry.created is not None
         t0 = entry.created
-        ip = entry.target[0]
+        ip = entry.target_ip
         old = identity.owner_at(ip, t0)
         new = identity.owner_at(ip, t1)
         if new is None:
@@ -342,7 +361,7 @@ class Correlator:
         assert identity is not None
         client, service, _ = self._names(entry, entry.created)
         severity = Severity.CRITICAL if endpoint is False else Severity.WARNING
-        where = f"{entry.target[0]}:{entry.target[1]}"
+        where = f"{entry.target_ip}:{entry.target_port}"
         if new is None:
             reached = f"an unknown owner of {where} (no pod held it when it answered)"
         elif endpoint is False:
@@ -367,7 +386,7 @@ class Correlator:
             details={
                 "new_owner_is_endpoint": endpoint,
                 "identity": "known" if new is not None else "unknown",
-                "target_history": _history(identity, entry.target[0], entry.created, now),
+                "target_history": _history(identity, entry.target_ip, entry.created, now),
             },
         )
 
@@ -406,7 +425,7 @@ class Correlator:
             if entry.state in _FINISHED_STATES:
                 done.append(entry_id)
                 continue
-            ip = entry.target[0]
+            ip = entry.target_ip
             chosen_at = entry.created if entry.created is not None else entry.last_seen
             chosen = _owner_near(identity, ip, chosen_at, self.settings.identity_grace)
             if chosen is None:
@@ -428,7 +447,7 @@ class Correlator:
             if now - gone_at < self.settings.dead_after:
                 continue  # keep watching
             done.append(entry_id)
-            entry.reported.add(Rule.DEAD_ENDPOINT)
+            entry.mark_reported(Rule.DEAD_ENDPOINT)
             out.append(self._dead_endpoint(entry, chosen, gone_at, now))
         for entry_id in done:
             self._dead_watch.pop(entry_id, None)
@@ -441,7 +460,7 @@ class Correlator:
         state = state_name(entry.state)
         summary = (
             f"{_who(client, entry.orig.src)} -> {_svc(service, entry.orig)}: the conntrack entry "
-            f"({state}) still sends to {entry.target[0]}:{entry.target[1]}, but pod {chosen} is "
+            f"({state}) still sends to {entry.target_ip}:{entry.target_port}, but pod {chosen} is "
             f"gone for {now - gone_at:.1f}s; its packets go into the void until the entry or "
             "the client's connection dies"
         )
@@ -454,7 +473,7 @@ class Correlator:
             details={
                 "state": state,
                 "owner_gone_s": round(now - gone_at, 3),
-                "target_history": _history(identity, entry.target[0], chosen_at, now),
+                "target_history": _history(identity, entry.target_ip, chosen_at, now),
             },
         )
 
@@ -480,7 +499,7 @@ class Correlator:
                 continue
             if Rule.UNNATED_REPLY in entry.reported:
                 continue
-            ip = entry.target[0]
+            ip = entry.target_ip
             owner = _owner_near(identity, ip, entry.created, self.settings.identity_grace)
             if owner is None or not _still_holds(identity, ip, owner, now):
                 continue  # a dead or unknown target is dead-endpoint's business
@@ -489,7 +508,7 @@ class Correlator:
                 service, ip, entry.created, now, owner.uid
             ) is False:
                 continue
-            entry.reported.add(Rule.UNNATED_REPLY)
+            entry.mark_reported(Rule.UNNATED_REPLY)
             out.append(self._unnated(entry, owner, client, service, now, evidence="no-reply"))
 
     def _on_reset(self, ev: TcpReset, now: float, out: list[Finding]) -> None:
@@ -502,7 +521,7 @@ class Correlator:
             return
         if Rule.UNNATED_REPLY in entry.reported:
             return
-        entry.reported.add(Rule.UNNATED_REPLY)
+        entry.mark_reported(Rule.UNNATED_REPLY)
         client, service, _ = self._names(entry, entry.created or ev.ts)
         owner = self.identity.owner_at(rst.dst, ev.ts) if self.identity else None
         out.append(self._unnated(entry, owner, client, service, now, evidence="rst",
@@ -511,7 +530,7 @@ class Correlator:
     def _unnated(self, entry: Entry, owner: PodRef | None, client: PodRef | None,
                  service: ServiceRef | None, now: float, *, evidence: str,
                  pid: int = 0, comm: str = "") -> Finding:
-        target = f"{entry.target[0]}:{entry.target[1]}"
+        target = f"{entry.target_ip}:{entry.target_port}"
         if evidence == "rst":
             what = (f"the client reset {target}: the backend's reply arrived un-NATed "
                     f"(from the pod IP instead of {entry.orig.dst}:{entry.orig.dport})")
@@ -554,7 +573,7 @@ class Correlator:
             return
         if Rule.INHERITED_ENTRY in entry.reported:
             return
-        entry.reported.add(Rule.INHERITED_ENTRY)
+        entry.mark_reported(Rule.INHERITED_ENTRY)
         out.append(self._inherited(entry, creator, ev, now))
 
     def _inherited(self, entry: Entry, creator: SockConnect | None, sock: SockConnect,
@@ -567,7 +586,7 @@ class Correlator:
             f"pid {sock.pid} ({sock.comm}) connected {entry.orig.src}:{entry.orig.sport} -> "
             f"{_svc(service, entry.orig)} and inherited an unreplied conntrack entry created "
             f"{age:.1f}s earlier by {by}: it reuses the old DNAT decision to "
-            f"{entry.target[0]}:{entry.target[1]}"
+            f"{entry.target_ip}:{entry.target_port}"
         )
         sockets: dict[str, object] = {"new": _sock_json(sock)}
         if creator is not None:
@@ -592,7 +611,7 @@ class Correlator:
         return (
             identity.owner_at(entry.orig.src, t),
             identity.service_for(entry.orig.dst, entry.orig.dport, t),
-            identity.owner_at(entry.target[0], t),
+            identity.owner_at(entry.target_ip, t),
         )
 
 

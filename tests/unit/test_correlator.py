@@ -326,3 +326,18 @@ def test_dead_endpoint_when_the_chosen_pod_was_known_only_just_after_the_entry()
     found = [f for t in (1.3, 2.0, 3.0, 3.5) for f in corr.tick(t)]
     assert rules(found) == ["dead-endpoint"]
     assert found[0].old_owner == CART_A
+
+
+def test_entries_share_nothing_they_report() -> None:
+    # Entries start with one shared empty frozenset; a report gives only that entry its own.
+    corr = Correlator()
+    other = Flow(CLIENT_IP, 40001, VIP, 80)
+    corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT), 1.0)
+    corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT, entry_id=2, orig=other), 1.0)
+    first, second = corr.entries[1], corr.entries[2]
+    assert first.reported is second.reported and not first.reported
+    first.mark_reported(Rule.INHERITED_ENTRY)
+    first.mark_reported(Rule.UNNATED_REPLY)
+    assert first.reported == {Rule.INHERITED_ENTRY, Rule.UNNATED_REPLY}
+    assert not second.reported
+    assert first.target == (POD_IP, 8080)
