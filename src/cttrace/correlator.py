@@ -77,10 +77,16 @@ class Entry:
     One per live entry, so kept small (bench/pipeline.py measures the bytes):
     the target as two fields rather than a tuple of its own, and the rules
     reported as a frozenset shared by every entry not reported yet.
+
+    The original tuple is kept as a plain ``tuple`` (``orig`` makes the Flow
+    when asked): CPython's cyclic GC stops tracking a plain tuple of strings
+    and ints the first time it sees one, but never a tuple subclass such as a
+    NamedTuple. A table of entries then costs every full collection one object
+    per entry (the Entry) instead of two.
     """
 
     entry_id: int
-    orig: Flow
+    orig_tuple: tuple[str, int, str, int]  # == orig; also the key of Correlator._by_orig
     target_ip: str
     target_port: int
     created: float | None  # None: seen first in a dump, creation not observed
@@ -91,6 +97,11 @@ class Entry:
     replied: float | None = None
     creator: SockConnect | None = None
     reported: frozenset[Rule] = _NOTHING_REPORTED
+
+    @property
+    def orig(self) -> Flow:
+        """What the client asked for: its address and port to the Service VIP and port."""
+        return Flow._make(self.orig_tuple)
 
     @property
     def key(self) -> Flow:
@@ -128,10 +139,12 @@ class Correlator:
         self.settings = settings or Settings()
         self.identity = identity
         self.entries: dict[int, Entry] = {}
-        self._by_orig: dict[Flow, Entry] = {}
+        self._by_orig: dict[tuple[str, int, str, int], Entry] = {}  # Flow or orig_tuple keys
         # (client ip, client port) -> entry: an RST names the client side and the pod, not the VIP.
         self._by_client: dict[tuple[str, int], Entry] = {}
-        self._sockets: collections.OrderedDict[Flow, SockConnect] = collections.OrderedDict()
+        self._sockets: collections.OrderedDict[tuple[str, int, str, int], SockConnect] = (
+            collections.OrderedDict()  # Flow keys
+        )
         self._pending: list[_Pending] = []
         # Unreplied entries in creation order, for the unnated-reply age check.
         self._unreplied: collections.deque[Entry] = collections.deque()
@@ -188,7 +201,7 @@ class Correlator:
 
     def _on_ct(self, ev: CtEvent, now: float, out: list[Finding]) -> None:
         entry = self.entries.get(ev.entry_id)
-        if entry is not None and entry.orig != ev.orig:
+        if entry is not None and entry.orig_tuple != ev.orig:
             # The id was reused for another tuple (the old entry's destroy was lost).
             self._forget(entry)
             entry = None
@@ -212,9 +225,10 @@ class Correlator:
     def _track(self, ev: CtEvent) -> Entry:
         # A NEW event (confirm) is the creation; a DUMP of an unknown entry is not.
         created = ev.ts if ev.kind is CtKind.NEW else None
+        orig = ev.orig
         entry = Entry(
             entry_id=ev.entry_id,
-            orig=ev.orig,
+            orig_tuple=(orig.src, orig.sport, orig.dst, orig.dport),
             target_ip=ev.reply.src,
             target_port=ev.reply.sport,
             created=created,
@@ -230,8 +244,8 @@ class Correlator:
         if old is not None:
             self._forget(old)
         self.entries[ev.entry_id] = entry
-        self._by_orig[ev.orig] = entry
-        self._by_client[(ev.orig.src, ev.orig.sport)] = entry
+        self._by_orig[entry.orig_tuple] = entry
+        self._by_client[(orig.src, orig.sport)] = entry
         if len(self.entries) > self.settings.max_entries:
             oldest = next(iter(self.entries.values()))
             self._forget(oldest)
@@ -241,15 +255,15 @@ class Correlator:
     def _forget(self, entry: Entry) -> None:
         if self.entries.get(entry.entry_id) is entry:
             del self.entries[entry.entry_id]
-        if self._by_orig.get(entry.orig) is entry:
-            del self._by_orig[entry.orig]
-        client_key = (entry.orig.src, entry.orig.sport)
+        if self._by_orig.get(entry.orig_tuple) is entry:
+            del self._by_orig[entry.orig_tuple]
+        client_key = (entry.orig_tuple[0], entry.orig_tuple[1])  # (client ip, client port)
         if self._by_client.get(client_key) is entry:
             del self._by_client[client_key]
         self._dead_watch.pop(entry.entry_id, None)
 
     def _on_created(self, entry: Entry, now: float) -> None:
-        sock = self._sockets.get(entry.orig)
+        sock = self._sockets.get(entry.orig_tuple)
         if sock is not None and entry.created is not None and (
             abs(sock.ts - entry.created) <= self.settings.inherit_window
         ):
@@ -332,7 +346,8 @@ class Correlator:
             return self._wrong_pod(entry, t1, now, old, None, None)
         if old is not None and old.uid == new.uid:
             return None  # same pod (a restart keeps its uid): not a wrong pod
-        service = identity.service_for(entry.orig.dst, entry.orig.dport, t0)
+        orig = entry.orig
+        service = identity.service_for(orig.dst, orig.dport, t0)
         endpoint: bool | None = None
         if service is not None:
             endpoint = identity.is_endpoint(service, ip, t1, max(now, t1), new.uid)
@@ -608,9 +623,10 @@ class Correlator:
         identity = self.identity
         if identity is None:
             return None, None, None
+        orig = entry.orig
         return (
-            identity.owner_at(entry.orig.src, t),
-            identity.service_for(entry.orig.dst, entry.orig.dport, t),
+            identity.owner_at(orig.src, t),
+            identity.service_for(orig.dst, orig.dport, t),
             identity.owner_at(entry.target_ip, t),
         )
 

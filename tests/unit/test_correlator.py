@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 
 import pytest
@@ -341,3 +342,12 @@ def test_entries_share_nothing_they_report() -> None:
     assert first.reported == {Rule.INHERITED_ENTRY, Rule.UNNATED_REPLY}
     assert not second.reported
     assert first.target == (POD_IP, 8080)
+
+
+def test_entry_keeps_its_tuple_as_a_plain_tuple_the_gc_stops_tracking() -> None:
+    corr = Correlator()
+    corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT), 1.0)
+    entry = corr.entries[1]
+    assert type(entry.orig) is Flow and entry.orig == ORIG and entry.key == ORIG
+    gc.collect()
+    assert type(entry.orig_tuple) is tuple and not gc.is_tracked(entry.orig_tuple)
