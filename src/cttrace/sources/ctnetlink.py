@@ -182,119 +182,107 @@ _MALFORMED = 1  # truncated or missing what ctnetlink always sends
 # --- fast path: a TCP event in the layout ctnetlink always writes -------------
 #
 # ctnetlink_conntrack_event() writes an entry's attributes in a fixed order,
-# each at its fixed size, so the event of an IPv4 TCP entry outside any
-# conntrack zone always starts like this (offsets from the first attribute;
-# each nla header is (nla_len, nla_type) in host order, values are big-endian,
-# every attribute is padded to 4 bytes):
+# each at its fixed size, so a NEW or UPDATE event of an IPv4 TCP entry
+# outside any conntrack zone and without a connmark is always this (offsets
+# from the first attribute; each nla header is (nla_len, nla_type) in host
+# order, values are big-endian, every attribute is padded to 4 bytes):
 #
-#     0  CTA_TUPLE_ORIG, nested (52)     ctnetlink_dump_tuples()
+#     0  CTA_TUPLE_ORIG, nested (52)       ctnetlink_dump_tuples()
 #     4    CTA_TUPLE_IP, nested (20)
-#     8      CTA_IP_V4_SRC (8)           12: address
-#    16      CTA_IP_V4_DST (8)           20: address
+#     8      CTA_IP_V4_SRC (8)             12: address
+#    16      CTA_IP_V4_DST (8)             20: address
 #    24    CTA_TUPLE_PROTO, nested (28)
-#    28      CTA_PROTO_NUM (5)           32: u8 IPPROTO_TCP
-#    36      CTA_PROTO_SRC_PORT (6)      40: be16
-#    44      CTA_PROTO_DST_PORT (6)      48: be16
+#    28      CTA_PROTO_NUM (5)             32: u8 IPPROTO_TCP
+#    36      CTA_PROTO_SRC_PORT (6)        40: be16
+#    44      CTA_PROTO_DST_PORT (6)        48: be16
 #    52  CTA_TUPLE_REPLY, nested (52): the same layout
-#   104  CTA_ID (8)                     108: be32
-#   112  CTA_STATUS (8)                 116: be32
-#
-# An IPv6 entry's is the same with 16-byte addresses (CTA_IP_V6_SRC/DST of 20,
-# tuples of 76). A zone puts CTA_ZONE before CTA_ID and a table dump orders
-# the attributes differently: those take the general path. Then, in NEW,
-# UPDATE and DESTROY events of TCP entries, the message ends like this:
-#
+#   104  CTA_ID (8)                       108: be32
+#   112  CTA_STATUS (8)                   116: be32
 #   120  CTA_TIMEOUT (8)
-#   128  CTA_PROTOINFO, nested, to the end of the message
-#   132    CTA_PROTOINFO_TCP, nested     tcp_to_nlattr(): the state first, then
-#   136      CTA_PROTOINFO_TCP_STATE (5) window scales and flags (not in DESTROY)
-#   140      u8 state
+#   128  CTA_PROTOINFO, nested (48)
+#   132    CTA_PROTOINFO_TCP, nested (44)  tcp_to_nlattr(): the state first,
+#   136      CTA_PROTOINFO_TCP_STATE (5)   140: u8
+#   144      window scales and flags       (not read)
+#   176  end of message
 #
-# One unpack_from reads every header of the fixed start (and the protocol
-# number) to compare them with the layout, another reads the values, a third
-# the tail. A message that differs anywhere goes to the general path, which
-# gives the same result for messages in this layout
-# (tests/unit/test_ctnetlink_decode.py checks that both paths agree on
-# recorded and mutated kernel messages).
-
-
-def _tuple_layout(outer: int, src: int, dst: int, addr_len: int) -> tuple[int, ...]:
-    """The (nla_len, nla_type) pairs of a TCP tuple, and the protocol number."""
-    return (
-        4 + (4 + 2 * (4 + addr_len)) + 28, outer | NLA_F_NESTED,
-        4 + 2 * (4 + addr_len), CTA_TUPLE_IP | NLA_F_NESTED,
-        4 + addr_len, src,
-        4 + addr_len, dst,
-        28, CTA_TUPLE_PROTO | NLA_F_NESTED,
-        5, CTA_PROTO_NUM, IPPROTO_TCP,
-        6, CTA_PROTO_SRC_PORT,
-        6, CTA_PROTO_DST_PORT,
-    )  # fmt: skip
+# A DESTROY is the same with only the state in CTA_PROTOINFO_TCP (tcp_to_nlattr
+# with destroy=true: nests of 16 and 12, 144 bytes in all), and an IPv6 entry
+# the same with 16-byte addresses (CTA_IP_V6_SRC/DST of 20, tuples of 76).
+# Each of these four layouts has its own length, which picks the layout; one
+# unpack_from then reads every header of it (and the protocol number) to
+# compare them with the layout, a second reads the values. A zone (CTA_ZONE
+# before CTA_ID), a connmark (CTA_MARK at the end), a table dump (another
+# order) or anything else that differs goes to the general path, which gives
+# the same result for messages in these layouts (tests/unit/test_ctnetlink_decode.py
+# checks that both paths agree on recorded and mutated kernel messages).
 
 
 class _FastLayout(NamedTuple):
-    """The fixed start of a TCP event of one address family, as described above."""
+    """One exact layout of a TCP event message's attributes, as described above."""
 
     headers: Callable[..., tuple[int, ...]]  # unpack_from: the headers, host order
     expected: tuple[int, ...]  # what ``headers`` must return
-    values: Callable[..., tuple[Any, ...]]  # unpack_from: 4 addresses, 4 ports, id, status
-    size: int  # bytes, up to the tail
+    values: Callable[..., tuple[Any, ...]]  # unpack_from: 4 addresses, 4 ports, id, status, state
+    size: int  # bytes of attributes: the message's length less its headers
 
 
-def _fast_layout(src: int, dst: int, addr_len: int) -> _FastLayout:
+def _fast_layout(src: int, dst: int, addr_len: int, *, destroy: bool) -> _FastLayout:
+    ip_len = 4 + 2 * (4 + addr_len)  # CTA_TUPLE_IP holding two addresses
+    tuple_len = 4 + ip_len + 28  # CTA_TUPLE_ORIG/REPLY: CTA_TUPLE_IP and CTA_TUPLE_PROTO
+    tcp_len = 12 if destroy else 44  # CTA_PROTOINFO_TCP: the state, or all five attributes
+
+    def tuple_layout(outer: int) -> tuple[int, ...]:
+        return (
+            tuple_len, outer | NLA_F_NESTED,
+            ip_len, CTA_TUPLE_IP | NLA_F_NESTED,
+            4 + addr_len, src,
+            4 + addr_len, dst,
+            28, CTA_TUPLE_PROTO | NLA_F_NESTED,
+            5, CTA_PROTO_NUM, IPPROTO_TCP,
+            6, CTA_PROTO_SRC_PORT,
+            6, CTA_PROTO_DST_PORT,
+        )  # fmt: skip
+
+    expected = tuple_layout(CTA_TUPLE_ORIG) + tuple_layout(CTA_TUPLE_REPLY) + (
+        8, CTA_ID,
+        8, CTA_STATUS,
+        8, CTA_TIMEOUT,
+        4 + tcp_len, CTA_PROTOINFO | NLA_F_NESTED,
+        tcp_len, CTA_PROTOINFO_TCP | NLA_F_NESTED,
+        5, CTA_PROTOINFO_TCP_STATE,
+    )  # fmt: skip
     a = f"{addr_len}"
+    rest = f"{tcp_len - 12}x"  # what follows the state in CTA_PROTOINFO_TCP
     tuple_headers = "HH" "HH" f"HH{a}x" f"HH{a}x" "HH" "HHB3x" "HH4x" "HH4x"
     tuple_values = "4x" "4x" f"4x{a}s" f"4x{a}s" "4x" "8x" "4xH2x" "4xH2x"
-    headers = Struct("=" + tuple_headers * 2 + "HH4x" "HH4x")
-    values = Struct(">" + tuple_values * 2 + "4xI" "4xI")
-    expected = (
-        _tuple_layout(CTA_TUPLE_ORIG, src, dst, addr_len)
-        + _tuple_layout(CTA_TUPLE_REPLY, src, dst, addr_len)
-        + (8, CTA_ID, 8, CTA_STATUS)
-    )
+    headers = Struct("=" + tuple_headers * 2 + "HH4x" "HH4x" "HH4x" "HH" "HH" "HH4x" + rest)
+    values = Struct(">" + tuple_values * 2 + "4xI" "4xI" "8x" "4x" "4x" "4xB3x" + rest)
     assert headers.size == values.size
     return _FastLayout(headers.unpack_from, expected, values.unpack_from, headers.size)
 
 
-#: By nfgenmsg.nfgen_family, which is the entry's address family (ctnetlink_fill_info).
+#: The layouts by their length, which differs for each.
 _FAST_LAYOUTS: dict[int, _FastLayout] = {
-    _AF_INET: _fast_layout(CTA_IP_V4_SRC, CTA_IP_V4_DST, 4),
-    _AF_INET6: _fast_layout(CTA_IP_V6_SRC, CTA_IP_V6_DST, 16),
+    layout.size: layout
+    for layout in (
+        _fast_layout(CTA_IP_V4_SRC, CTA_IP_V4_DST, 4, destroy=False),
+        _fast_layout(CTA_IP_V4_SRC, CTA_IP_V4_DST, 4, destroy=True),
+        _fast_layout(CTA_IP_V6_SRC, CTA_IP_V6_DST, 16, destroy=False),
+        _fast_layout(CTA_IP_V6_SRC, CTA_IP_V6_DST, 16, destroy=True),
+    )
 }
-#: The tail: CTA_TIMEOUT, then CTA_PROTOINFO > CTA_PROTOINFO_TCP > CTA_PROTOINFO_TCP_STATE.
-_TAIL = Struct("=HH4x" "HH" "HH" "HHB")
-_TIMEOUT_HEADER = (8, CTA_TIMEOUT)
-_PROTOINFO_TYPES = (CTA_PROTOINFO | NLA_F_NESTED, CTA_PROTOINFO_TCP | NLA_F_NESTED)
-_TCP_STATE_HEADER = (5, CTA_PROTOINFO_TCP_STATE)
-_tail = _TAIL.unpack_from
+assert len(_FAST_LAYOUTS) == 4
 _make = tuple.__new__  # _make(NamedTupleClass, (every field, in order))
-_SHORTEST = min(layout.size for layout in _FAST_LAYOUTS.values()) + _TAIL.size
 
 
 def _decode_fast(
     buf: bytes | bytearray | memoryview, start: int, end: int, kind: CtKind, ts: float
 ) -> CtEvent | int | None:
-    """The fast path: a CtEvent or _FILTERED, or None when the message is not in its layout."""
-    if end - start < _SHORTEST:
+    """The fast path: a CtEvent or _FILTERED, or None when the message is not in its layouts."""
+    layout = _FAST_LAYOUTS.get(end - start)
+    if layout is None or layout.headers(buf, start) != layout.expected:
         return None
-    layout = _FAST_LAYOUTS.get(buf[start - NFGENMSG_LEN])  # nfgen_family
-    if layout is None:
-        return None
-    tail = start + layout.size
-    if end - tail < _TAIL.size or layout.headers(buf, start) != layout.expected:
-        return None
-    t_len, t_type, p_len, p_type, c_len, c_type, s_len, s_type, state = _tail(buf, tail)
-    # CTA_PROTOINFO must end the message and hold the state where the general path
-    # looks first: as the first attribute of the first nest, inside both nests' bounds.
-    if (
-        (t_len, t_type) != _TIMEOUT_HEADER
-        or (p_type, c_type) != _PROTOINFO_TYPES
-        or (s_len, s_type) != _TCP_STATE_HEADER
-        or tail + 8 + p_len != end
-        or not 9 <= c_len <= p_len - 4
-    ):
-        return None
-    o_src, o_dst, o_sport, o_dport, r_src, r_dst, r_sport, r_dport, entry_id, status = (
+    o_src, o_dst, o_sport, o_dport, r_src, r_dst, r_sport, r_dport, entry_id, status, state = (
         layout.values(buf, start)
     )
     if not status & NAT_MASK:
