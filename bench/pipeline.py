@@ -224,6 +224,7 @@ class RunResult:
     events: int
     findings: Counter[str]
     tracked_max: int
+    gc_s: float = 0.0  # of ``seconds``, in the cyclic GC (triggered in decode or correlate)
 
 
 def run_once(stream: Stream, index: IdentityIndex) -> RunResult:
@@ -234,7 +235,18 @@ def run_once(stream: Stream, index: IdentityIndex) -> RunResult:
     tracked_max = 0
     next_tick = T0
     clock = time.perf_counter
+    gc_s = 0.0
+    gc_start = 0.0
+
+    def gc_time(phase: str, info: dict[str, int]) -> None:
+        nonlocal gc_s, gc_start
+        if phase == "start":
+            gc_start = clock()
+        else:
+            gc_s += clock() - gc_start
+
     gc.collect()
+    gc.callbacks.append(gc_time)
     start = clock()
     for ts, buf in stream.batches:
         a = clock()
@@ -256,7 +268,8 @@ def run_once(stream: Stream, index: IdentityIndex) -> RunResult:
     for fnd in corr.tick(stream.batches[-1][0] + 10.0):
         findings[fnd.rule] += 1
     total = clock() - start
-    return RunResult(total, decode_s, corr_s, n, findings, tracked_max)
+    gc.callbacks.remove(gc_time)
+    return RunResult(total, decode_s, corr_s, n, findings, tracked_max, gc_s)
 
 
 def per_entry_bytes(index: IdentityIndex, entries: int = 20_000) -> dict[str, float]:
@@ -361,8 +374,9 @@ def main() -> None:
     print(f"{res.events:,} events ({res.flows:,} connections) on cpu {res.cpu}")
     for r in res.runs:
         print(f"  {r.events / r.seconds:,.0f} ev/s total, decode {r.events / r.decode_s:,.0f}, "
-              f"correlate {r.events / r.correlate_s:,.0f}; tracked max {r.tracked_max:,}; "
-              f"findings {dict(r.findings)}")
+              f"correlate {r.events / r.correlate_s:,.0f}; {1e6 * r.seconds / r.events:.2f} "
+              f"us/event, of which GC {1e6 * r.gc_s / r.events:.2f}; tracked max "
+              f"{r.tracked_max:,}; findings {dict(r.findings)}")
     print(f"median decode+correlate {res.median('seconds'):,.0f} events/s")
     print(f"bytes per tracked entry: {res.per_entry}")
     print(f"--flows JSON lines: {res.jsonl_rate:,.0f} events/s")
