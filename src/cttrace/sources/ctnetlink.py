@@ -8,10 +8,11 @@ It is hand-written rather than pyroute2's generic ``nfct_msg`` parser because
 it runs once per kernel event on the hot path: it reads only the attributes
 cttrace uses, checks the cheap NAT/TCP filter before it builds any strings,
 and allocates nothing per attribute beyond ``struct.unpack_from``'s tuple.
-Events of IPv4 TCP entries, nearly all of a Kubernetes node's, take a fast
-path: ctnetlink writes them in one fixed layout, so two ``unpack_from`` calls
-check the layout and read every value at once, instead of a Python loop over
-some 20 attributes. bench/bench_decode.py measures the difference to pyroute2,
+Events of TCP entries outside a conntrack zone, nearly all of a Kubernetes
+node's, take a fast path: ctnetlink writes each kind of them in one fixed
+layout, so two ``unpack_from`` calls check the layout and read every value at
+once, instead of a Python loop over some 20 attributes; everything else takes
+the general path. bench/bench_decode.py measures both paths against pyroute2,
 bench/pipeline.py the decoder's share of the pipeline.
 
 Layout reminders (include/uapi/linux/netlink.h, netfilter/nfnetlink.h,
