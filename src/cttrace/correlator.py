@@ -34,6 +34,9 @@ from cttrace.findings import Finding, Rule, Severity, rfc3339
 from cttrace.identity.model import IdentityView, PodRef, ServiceRef
 
 _SEEN_REPLY = int(CtStatus.SEEN_REPLY)
+# Read for every event: an Enum member as a module global costs ~10 ns, as a class
+# attribute (CtKind.NEW) ~70 ns on Python 3.11.
+_NEW, _DESTROY = CtKind.NEW, CtKind.DESTROY
 #: States that mean the backend answered: SYN_SENT -> SYN_RECV is the SYN-ACK
 #: (tcp_conntrack's sSR transition), after which SEEN_REPLY is set as well.
 _REPLIED_STATES = frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
@@ -205,7 +208,7 @@ class Correlator:
             # The id was reused for another tuple (the old entry's destroy was lost).
             self._forget(entry)
             entry = None
-        if ev.kind is CtKind.DESTROY:
+        if ev.kind is _DESTROY:
             if entry is not None:
                 self._forget(entry)
             return
@@ -224,7 +227,7 @@ class Correlator:
 
     def _track(self, ev: CtEvent) -> Entry:
         # A NEW event (confirm) is the creation; a DUMP of an unknown entry is not.
-        created = ev.ts if ev.kind is CtKind.NEW else None
+        created = ev.ts if ev.kind is _NEW else None
         orig = ev.orig
         entry = Entry(
             entry_id=ev.entry_id,
