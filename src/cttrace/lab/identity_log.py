@@ -25,7 +25,10 @@ class IdentityLog:
     def __init__(self, path: Path, *, first_resource_version: int = 1000) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("wb")
+        # O_APPEND, so a line someone else appends (a test's malformed event) is never
+        # overwritten by the next event written at this handle's own offset.
+        self._file = path.open("ab")
+        self._file.truncate(0)
         self._lock = threading.Lock()
         self._resource_version = first_resource_version
 
