@@ -39,6 +39,7 @@ from bench import bench_identity as ident
 from cttrace.correlator import Correlator
 from cttrace.events import CtEvent, CtStatus, TcpState
 from cttrace.identity.index import IdentityIndex
+from cttrace.runtime import tune_gc
 from cttrace.sources.ctnetlink import MSG_CT_DELETE, MSG_CT_NEW, decode_messages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,6 +354,7 @@ class PipelineResult:
 
 def measure(events: int = 1_000_000, runs: int = 3) -> PipelineResult:
     check_encoder()
+    tune_gc()  # what cttrace's event loop does at start (cttrace.runtime.tune_gc)
     allowed = os.sched_getaffinity(0)
     cpu = pin_one_core()
     try:

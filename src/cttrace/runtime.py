@@ -9,6 +9,7 @@ non-blocking), hand findings to the sinks. Sinks that talk to the network
 
 from __future__ import annotations
 
+import gc
 import select
 import threading
 import time
@@ -22,6 +23,25 @@ from cttrace.correlator import Correlator
 from cttrace.events import CtEvent, Event
 from cttrace.findings import Finding
 from cttrace.sources import Source
+
+#: Young-generation collection threshold on the event path (CPython's default is 700).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a process that streams events.
+
+    Every decoded event is a tuple the collector tracks; with CPython's default
+    threshold a batch of them survives a young collection and is promoted, and
+    the full collections that follow walk every tracked entry: 20-25% of the
+    pipeline's time in bench/pipeline.py. Collecting the young generation every
+    20,000 allocations makes it ~2% at no cost in peak memory (the events hold
+    no cycles; they die by reference counting). ``gc.freeze`` moves everything
+    alive at start-up (imported modules, the Kubernetes client) out of the
+    collector's sight for good.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
 
 
 class IdentityPoller(Protocol):
@@ -152,6 +172,7 @@ class Pipeline:
             if on_ready is not None:
                 on_ready()
 
+        tune_gc()
         for poller in self.identity:
             poller.poll()
         signal_ready_once_in_sync()
