@@ -281,10 +281,19 @@ class _Bench:
                 proc.kill()
                 proc.wait()
 
+    def serve(self, pod: Any) -> None:
+        """The storm server in ``pod`` on STORM_PORT, listening when this returns."""
+        srv = self.spawn(_module(pod.netns, "server", "--ip", pod.ip, "--port", str(STORM_PORT)),
+                         f"server-{pod.name}", stdout=subprocess.PIPE)
+        assert srv.stdout is not None
+        if srv.stdout.readline().strip() != b"listening":
+            raise RuntimeError("bench: storm server did not start")
+
     def client(self, netns: str, src_name: str, vip: str, *, rate: float, count: int,
-               concurrency: int = 50, record: Path | None = None) -> dict[str, Any]:
+               concurrency: int = 50, record: Path | None = None,
+               port: int = 80) -> dict[str, Any]:
         out = self.work / f"client-{src_name}.json"
-        args = ["client", "--dst", vip, "--port", "80", "--rate", str(rate),
+        args = ["client", "--dst", vip, "--port", str(port), "--rate", str(rate),
                 "--count", str(count), "--concurrency", str(concurrency), "--out", str(out)]
         if record is not None:
             args += ["--record", str(record)]
@@ -334,32 +343,39 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def storm_pods(b: _Bench) -> tuple[Any, Any]:
+    """The storm's client pod (every source port usable) and the web pod behind the storm
+    Service (``STORM_VIP``) and the probe Service (``PROBE_VIP``), its server listening."""
+    from cttrace.lab.cluster import Workload
+    from cttrace.lab.plumbing import sysctl
+
+    lab = b.lab
+    client = lab.start_pod(Workload("bench", "loadgen", "5b7c9", "bench/loadgen"))
+    web = lab.start_pod(Workload("bench", "web", "6c8d7", "bench/web"))
+    sysctl(client.netns, {"net.ipv4.ip_local_port_range": "1024 65535"})
+    b.serve(web)
+    for name, vip in (("storm", STORM_VIP), ("probe", PROBE_VIP)):
+        lab.add_service("bench", name, app=name, vip=vip, target_port=STORM_PORT,
+                        endpoints=[web])
+    return client, web
+
+
 def run_storms(rates: list[float], seconds: float, max_count: int, *, latency_conns: int,
                work: Path, log: Callable[[str], None] = print) -> LabResult:
     from cttrace.lab.cluster import Workload
     from cttrace.lab.node import Lab
-    from cttrace.lab.plumbing import run, sysctl
+    from cttrace.lab.plumbing import run
 
     work.mkdir(parents=True, exist_ok=True)
     result = LabResult()
     with Lab() as lab:
         b = _Bench(lab, work)
         try:
-            client = lab.start_pod(Workload("bench", "loadgen", "5b7c9", "bench/loadgen"))
-            web = lab.start_pod(Workload("bench", "web", "6c8d7", "bench/web"))
+            client, _ = storm_pods(b)
             slow = lab.start_pod(Workload("bench", "slow", "7d9e8", "bench/slow"))
-            sysctl(client.netns, {"net.ipv4.ip_local_port_range": "1024 65535"})
-            for pod in (web, slow):
-                srv = b.spawn(_module(pod.netns, "server", "--ip", pod.ip, "--port",
-                                      str(STORM_PORT)), f"server-{pod.name}",
-                              stdout=subprocess.PIPE)
-                assert srv.stdout is not None
-                if srv.stdout.readline().strip() != b"listening":
-                    raise RuntimeError("bench: storm server did not start")
-            for name, vip, pods in (("storm", STORM_VIP, [web]), ("probe", PROBE_VIP, [web]),
-                                    ("slow", SLOW_VIP, [slow])):
-                lab.add_service("bench", name, app=name, vip=vip, target_port=STORM_PORT,
-                                endpoints=pods)
+            b.serve(slow)
+            lab.add_service("bench", "slow", app="slow", vip=SLOW_VIP, target_port=STORM_PORT,
+                            endpoints=[slow])
             # The slow pod drops the first SYN of each source port: answered on the retransmit.
             run(["ip", "netns", "exec", slow.netns, "iptables", "-A", "INPUT", "-p", "tcp",
                  "--syn", "-m", "hashlimit", "--hashlimit-upto", "1/hour",

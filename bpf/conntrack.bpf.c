@@ -165,8 +165,12 @@ static __always_inline void ctt_report_transition(struct pt_regs *ctx, struct nf
 	unsigned long status = 0;
 
 	CTT_READ(ev.tcp_state, ct, struct nf_conn, proto.tcp.state);
-	if (ev.tcp_state == old_state || !ctt_transition_wanted(old_state, ev.tcp_state))
+	if (ev.tcp_state == old_state)
 		return;
+	if (!ctt_transition_wanted(old_state, ev.tcp_state)) {
+		ctt_count(CTT_CNT_FILTERED_TRANSITION);
+		return;
+	}
 	CTT_READ(status, ct, struct nf_conn, status);
 	ev.hdr.ts_ns = bpf_ktime_get_ns();
 	ev.hdr.kind = CTT_EV_CT_UPDATE;

@@ -29,7 +29,8 @@
 #define CTT_CNT_FILTERED      1 /* confirm seen but not TCP, not NATed or other netns */
 #define CTT_CNT_NOT_ACCEPTED  2 /* confirm returned != NF_ACCEPT (insert clash: drop) */
 #define CTT_CNT_STASH_FULL    3 /* a call could not be remembered for its return probe: event lost */
-#define CTT_NR_COUNTERS       4
+#define CTT_CNT_FILTERED_TRANSITION 4 /* a tracked entry's state change no rule needs: not sent */
+#define CTT_NR_COUNTERS       5
 
 /* One direction of a conntrack tuple, or a socket's 4-tuple. */
 struct ctt_flow {

@@ -34,7 +34,14 @@ from cttrace.sinks.jsonl import JsonLinesSink
 from cttrace.sinks.live import LiveView
 from cttrace.sources import bpf as bpf_module
 from cttrace.sources.bpf import BpfSettings, BpfSource
-from cttrace.sources.bpf_layout import CNT_FILTERED, CNT_LOST, CNT_NOT_ACCEPTED, CNT_STASH_FULL
+from cttrace.sources.bpf_layout import (
+    CNT_FILTERED,
+    CNT_FILTERED_TRANSITION,
+    CNT_LOST,
+    CNT_NOT_ACCEPTED,
+    CNT_STASH_FULL,
+    NR_COUNTERS,
+)
 from cttrace.sources.probe import BpfFeatures
 
 
@@ -42,7 +49,7 @@ class FakeCounters:
     """``bpf["ctt_counters"]``: a per-CPU array whose ``sum(slot).value`` adds the CPUs."""
 
     def __init__(self) -> None:
-        self.values = [0, 0, 0, 0]
+        self.values = [0] * NR_COUNTERS
 
     def __len__(self) -> int:
         return len(self.values)
@@ -55,6 +62,32 @@ class FakeBpf:
     def __init__(self) -> None:
         self.counters = FakeCounters()
         self.cleaned = False
+        # What BCC keeps of attached probes: kprobe_fds[ev_name][fn_name] = fd, and
+        # tracepoint_fds[b"cat:name"] = fd (the tracepoints it attached by itself at load).
+        self.kprobe_fds: dict[bytes, dict[bytes, int]] = {}
+        self.tracepoint_fds: dict[bytes, int] = {b"tcp:tcp_receive_reset": 9}
+        self.calls: list[tuple[str, bytes, bytes]] = []
+
+    def _add(self, ev_name: bytes, fn_name: str) -> None:
+        self.kprobe_fds.setdefault(ev_name, {})[fn_name.encode()] = 3
+
+    def attach_kprobe(self, event: str, fn_name: str) -> None:
+        self._add(b"p_" + event.encode(), fn_name)
+
+    def attach_kretprobe(self, event: str, fn_name: str, maxactive: int) -> None:
+        self._add(b"r_" + event.encode(), fn_name)
+
+    def detach_kprobe_event(self, ev_name: bytes) -> None:
+        del self.kprobe_fds[ev_name]
+        self.calls.append(("detach", ev_name, b""))
+
+    def attach_tracepoint(self, tp: bytes, fn_name: bytes) -> None:
+        self.tracepoint_fds[tp] = 9
+        self.calls.append(("attach_tracepoint", tp, fn_name))
+
+    def detach_tracepoint(self, tp: bytes) -> None:
+        del self.tracepoint_fds[tp]
+        self.calls.append(("detach_tracepoint", tp, b""))
 
     def __getitem__(self, name: str) -> FakeCounters:
         assert name == "ctt_counters"
@@ -103,12 +136,15 @@ def test_stats_report_kernel_losses_and_kretprobe_misses(
     fake.counters.values[CNT_LOST] = 5
     fake.counters.values[CNT_STASH_FULL] = 2
     fake.counters.values[CNT_FILTERED] = 40
+    fake.counters.values[CNT_FILTERED_TRANSITION] = 12
     fake.counters.values[CNT_NOT_ACCEPTED] = 1
     stats = source.stats()
     # A failed ring buffer write and a call whose return could not be matched both
     # lose an event; another process's probes (pid 1) are not ours.
     assert stats.lost == 7
+    # Filtered in the kernel: entries, and (apart) state changes no rule needs.
     assert stats.filtered == 40
+    assert stats.extra["filtered_transitions"] == 12
     assert stats.extra["kretprobe_misses"] == 3
     assert stats.extra["kprobe_misses"] == 0
     assert stats.extra["stash_full"] == 2
@@ -152,6 +188,22 @@ def test_losses_and_misses_reach_status_line_json_and_metrics(
     assert (status["kind"], status["lost"], status["kretprobe_misses"]) == ("status", 7, 3)
     assert registry.get_sample_value("cttrace_lost_events_total", {"source": "bpf"}) == 7
     assert registry.get_sample_value("cttrace_kretprobe_misses_total", {"source": "bpf"}) == 3
+
+
+def test_detach_and_attach_again_without_compiling(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    source, fake, _ = opened
+    source._attach(BpfSettings())  # what open() attached
+    attached = {ev: set(fns) for ev, fns in fake.kprobe_fds.items()}
+    assert b"r___nf_conntrack_confirm" in attached and b"p_tcp_connect" in attached
+    source.detach()
+    assert fake.kprobe_fds == {} and fake.tracepoint_fds == {}
+    source.attach()
+    assert {ev: set(fns) for ev, fns in fake.kprobe_fds.items()} == attached
+    assert ("attach_tracepoint", b"tcp:tcp_receive_reset",
+            b"tracepoint__tcp__tcp_receive_reset") in fake.calls
+    assert not fake.cleaned
 
 
 def test_close_detaches_through_bcc(opened: tuple[BpfSource, FakeBpf, Path]) -> None:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_SCRIPT = REPO / "tests" / "vm" / "guest.sh"
@@ -84,14 +85,9 @@ def find_vng() -> tuple[Path, dict[str, str]]:
     return Path(vng), env
 
 
-def vng_command(vng: Path, kernel: Path, out: Path, pytest_args: list[str],
-                memory: str, cpus: int) -> list[str]:
-    guest = " ".join(
-        [
-            "sh", str(GUEST_SCRIPT), str(out), sys.executable,
-            f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args,
-        ]
-    )
+def vng_argv(vng: Path, kernel: Path, out: Path, guest: str, memory: str,
+             cpus: int) -> list[str]:
+    """vng's command line: boot ``kernel`` and run the shell command ``guest`` in it."""
     return [
         str(vng),
         "--disable-kvm",  # TCG: KVM is not available on these machines
@@ -103,6 +99,34 @@ def vng_command(vng: Path, kernel: Path, out: Path, pytest_args: list[str],
     ]
 
 
+def vng_command(vng: Path, kernel: Path, out: Path, pytest_args: list[str],
+                memory: str, cpus: int) -> list[str]:
+    guest = " ".join(
+        [
+            "sh", str(GUEST_SCRIPT), str(out), sys.executable,
+            f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args,
+        ]
+    )
+    return vng_argv(vng, kernel, out, guest, memory, cpus)
+
+
+def boot_vm(cmd: list[str], kernel: Path, env: dict[str, str], timeout: float,
+         output: IO[bytes] | None = None) -> float | None:
+    """Run vng's ``cmd`` (one boot, the guest command, power-off): wall seconds, or None
+    when the VM was killed after ``timeout``. ``output``: where the guest's console goes
+    (default: this process's stdout)."""
+    print(f"cttrace-vm: booting {kernel} ({' '.join(cmd[:-1])} ...)", flush=True)
+    started = time.monotonic()
+    try:
+        subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                       stderr=None if output is None else subprocess.STDOUT,
+                       timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"cttrace-vm: the VM did not finish within {timeout:.0f} s", file=sys.stderr)
+        return None
+    return time.monotonic() - started
+
+
 def run(args: argparse.Namespace) -> int:
     kernel = find_kernel(args.kernel)
     vng, env = find_vng()
@@ -112,15 +136,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(tempfile.mkdtemp(prefix="ctl-vm-"))
     cmd = vng_command(vng, kernel, out, args.pytest_args, args.memory, args.cpus)
-    print(f"cttrace-vm: booting {kernel} ({' '.join(cmd[:-1])} ...)", flush=True)
-    started = time.monotonic()
-    try:
-        subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                       timeout=args.timeout, check=False)
-    except subprocess.TimeoutExpired:
-        print(f"cttrace-vm: the VM did not finish within {args.timeout:.0f} s", file=sys.stderr)
+    wall = boot_vm(cmd, kernel, env, args.timeout)
+    if wall is None:
         return 3
-    wall = time.monotonic() - started
 
     rc_file = out / "rc"
     if not rc_file.exists():
