@@ -8,7 +8,9 @@
  *
  * Only TCP entries with a NAT transformation (IPS_NAT_MASK) are tracked, and
  * only the state changes the correlator's rules need leave the kernel: out of
- * SYN_SENT (the recycled-IP window closes), into ESTABLISHED and into CLOSE.
+ * SYN_SENT (the recycled-IP window closes), into ESTABLISHED, and into TIME_WAIT
+ * and CLOSE (the connection is over: an entry that lingers for minutes after a
+ * graceful close must not read as a live connection to a pod that is gone).
  * All three functions are global symbols of the nf_conntrack module: load it
  * before attaching.
  */
@@ -23,6 +25,27 @@ struct ctt_tcp_call {
 };
 
 BPF_HASH(ctt_tcp_stash, __u64, struct ctt_tcp_call, CTT_STASH_MAX);
+
+/*
+ * NATed TCP entries whose confirm failed (the insert clashed on a tuple already
+ * in the table, typically a SNAT port race: the packet is dropped, and the
+ * kernel counts insert_failed and drop in that namespace's statistics), per
+ * network namespace (ns.inum).  Read by userspace for snat-collision in the
+ * namespaces it does not sample itself.  LRU: namespaces come and go with pods.
+ */
+BPF_TABLE("lru_hash", __u32, __u64, ctt_insert_failed, CTT_NETNS_MAX);
+
+static __always_inline void ctt_count_insert_failed(__u32 netns)
+{
+	__u64 one = 1, *count = ctt_insert_failed.lookup(&netns);
+
+	if (!count && ctt_insert_failed.insert(&netns, &one) == 0)
+		return;
+	if (!count)
+		count = ctt_insert_failed.lookup(&netns); /* another CPU inserted it first */
+	if (count)
+		__sync_fetch_and_add(count, 1);
+}
 
 /* Fill ev with what the kernel holds for ct.  The tuples are read with one
  * explicit bpf_probe_read_kernel each (see maps.bpf.c). */
@@ -105,6 +128,7 @@ int ctt_confirm_return(struct pt_regs *ctx)
 	if (verdict != NF_ACCEPT) {
 		/* insert clash: the packet is dropped and the entry never existed */
 		ctt_count(CTT_CNT_NOT_ACCEPTED);
+		ctt_count_insert_failed(ev->hdr.netns_ino);
 		ctt_confirm_stash.delete(&key);
 		return 0;
 	}
@@ -153,6 +177,7 @@ static __always_inline int ctt_transition_wanted(__u8 old_state, __u8 new_state)
 {
 	return old_state == TCP_CONNTRACK_SYN_SENT ||
 	       new_state == TCP_CONNTRACK_ESTABLISHED ||
+	       new_state == TCP_CONNTRACK_TIME_WAIT ||
 	       new_state == TCP_CONNTRACK_CLOSE;
 }
 

@@ -41,6 +41,9 @@
 #ifndef CTT_STASH_MAX
 #define CTT_STASH_MAX 4096     /* calls in flight between a kprobe and its kretprobe */
 #endif
+#ifndef CTT_NETNS_MAX
+#define CTT_NETNS_MAX 1024     /* network namespaces whose failed inserts are counted */
+#endif
 
 /* ---- output ---- */
 #if CTT_USE_RINGBUF

@@ -147,7 +147,7 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
                   "source": source.name, "fallback": note, "netns": opts.netns,
                   "listen": "{}:{}".format(*http.address),
                   "alertmanagers": opts.alertmanager_urls})
-        periodic = [snat_check(opts.netns)]
+        periodic = [snat_check(opts.netns, source)]
 
         def record(r: Remediation) -> None:
             metrics.remediation(r.action)

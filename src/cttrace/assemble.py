@@ -4,7 +4,9 @@ from options. Kept out of the commands so each command only adds its own sinks.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from cttrace.errors import UserError
 from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
 from cttrace.runtime import IdentityPoller, Periodic
+from cttrace.sources import Source
 
 if TYPE_CHECKING:
     from cttrace.remediate import Remediation
@@ -78,24 +81,43 @@ def build_identity(
     return index, pollers
 
 
-def snat_check(netns: str | None, *, interval: float = 5.0) -> Periodic:
-    """``snat-collision``: sample the namespace's insert_failed/drop counters on a timer."""
-    from cttrace.ctstats import SnatCollisionSampler, read_conntrack_stats
+def snat_check(netns: str | None, source: Source | None = None, *,
+               interval: float = 5.0) -> Periodic:
+    """``snat-collision``: sample the traced namespace's insert_failed/drop counters on a timer.
+
+    With the bpf source, also every other namespace's failed NATed TCP inserts, which its
+    programs count by namespace: without ``--netns`` it traces every namespace (a kind
+    node, a lab node), and the statistics file shows only the namespace it is read in.
+    """
+    from cttrace.ctstats import NamespaceCollisions, SnatCollisionSampler, read_conntrack_stats
+    from cttrace.netns import netns_inode
+    from cttrace.sources.bpf import BpfSource
 
     sampler = SnatCollisionSampler()
     failed = False
+    try:
+        own_ino: int | None = netns_inode(netns)
+    except (OSError, UserError):
+        own_ino = None
+    own = {"netns": netns, "netns_ino": own_ino}  # which namespace's statistics
+    others = None
+    if isinstance(source, BpfSource):
+        others = NamespaceCollisions(source.insert_failures, skip=own_ino, start=time.time())
 
     def check(now: float) -> list[Finding]:
         nonlocal failed
+        out = others.sample(now) if others is not None else []
         try:
             stats = read_conntrack_stats(netns)
         except (OSError, UserError) as err:
             if not failed:  # say it once, keep running
                 warn(f"snat-collision: cannot read conntrack statistics: {err}")
                 failed = True
-            return []
+            return out
         finding = sampler.sample(stats, now)
-        return [finding] if finding is not None else []
+        if finding is not None:
+            out.insert(0, dataclasses.replace(finding, details={**finding.details, **own}))
+        return out
 
     return Periodic(interval, check)
 

@@ -19,6 +19,7 @@ allocated (``nf_conntrack_in()``), with ``early_drop`` counting the evictions.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -154,6 +155,78 @@ class SnatCollisionSampler:
                 "deltas": deltas,
                 "interval_s": round(interval, 3),
                 "rate_per_s": round(rate, 3),
+            },
+        )
+
+
+class NamespaceCollisions:
+    """``snat-collision`` in network namespaces whose failed inserts are counted in the
+    kernel as they happen: the bpf source counts, by namespace, the NATed TCP entries
+    whose ``__nf_conntrack_confirm()`` did not accept the packet (the insert clashed and
+    the packet was dropped; the kernel counts ``insert_failed`` and ``drop`` for it in
+    ``nf_ct_resolve_clash()``).
+
+    Tracing every namespace, the bpf source sees clashes in namespaces whose
+    statistics cttrace does not read (a kind node, a lab node, a pod): each gets a
+    :class:`SnatCollisionSampler` of its own, whose baseline is zero at ``start`` (the
+    counts start when the programs are loaded), so a namespace's first failures are
+    reported, not taken as a baseline. ``skip`` is the namespace sampled from its
+    statistics file instead (never reported twice). The counts survive the namespace,
+    so a clash just before a namespace goes away is still reported.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Mapping[int, int]],
+        *,
+        skip: int | None,
+        start: float,
+        name_of: Callable[[int], str | None] | None = None,
+        threshold: float = 1.0,
+    ) -> None:
+        from cttrace.netns import netns_name_of
+
+        self._read = read
+        self._skip = skip
+        self._last = start
+        self._name_of = name_of or netns_name_of
+        self._threshold = threshold
+        self._samplers: dict[int, SnatCollisionSampler] = {}
+
+    def sample(self, now: float) -> list[Finding]:
+        out: list[Finding] = []
+        counts = {ino: n for ino, n in self._read().items() if ino != self._skip}
+        for gone in self._samplers.keys() - counts.keys():
+            del self._samplers[gone]  # evicted from the kernel's LRU map
+        for ino, failed in sorted(counts.items()):
+            sampler = self._samplers.get(ino)
+            if sampler is None:
+                sampler = self._samplers[ino] = SnatCollisionSampler(self._threshold)
+                sampler.sample({"insert_failed": 0, "drop": 0}, self._last)
+            # Each failed confirm dropped its packet: one insert failure, one drop.
+            finding = sampler.sample({"insert_failed": failed, "drop": failed}, now)
+            if finding is not None:
+                out.append(self._named(finding, ino, failed))
+        self._last = now
+        return out
+
+    def _named(self, finding: Finding, ino: int, failed: int) -> Finding:
+        name = self._name_of(ino)
+        where = f"network namespace {name}" if name else f"network namespace inode {ino}"
+        deltas = finding.details["deltas"]
+        assert isinstance(deltas, dict)
+        return dataclasses.replace(
+            finding,
+            summary=f"{where}: {finding.summary}",
+            details={
+                **finding.details,
+                # What was counted: not early_drop or clashres, which only the
+                # namespace's own statistics have.
+                "counters": {"insert_failed": failed, "drop": failed},
+                "deltas": {k: deltas[k] for k in COLLISION_COUNTERS},
+                "netns": name,
+                "netns_ino": ino,
+                "source": "bpf",
             },
         )
 

@@ -119,3 +119,26 @@ def _enter(fd: int, name: str, path: str) -> None:
         if exc.errno == errno.EINVAL:
             raise NetnsError(f"{path} is not a network namespace (setns: EINVAL)") from exc
         raise NetnsError(f"cannot enter network namespace {name!r}: {exc.strerror}") from exc
+
+
+def netns_inode(name: str | None, run_dir: str = NETNS_RUN_DIR) -> int:
+    """The inode number (``ns.inum``, what the bpf source reports) of network namespace
+    ``name``, or of the calling thread's own when None. NetnsError or OSError if it
+    cannot be read."""
+    return os.stat(netns_path(name, run_dir) if name else "/proc/thread-self/ns/net").st_ino
+
+
+def netns_name_of(inode: int, run_dir: str = NETNS_RUN_DIR) -> str | None:
+    """The ``ip netns`` name of the network namespace with ``inode``, if it has one."""
+    try:
+        nsfs = os.stat("/proc/thread-self/ns/net").st_dev
+    except OSError:
+        return None
+    for name in list_named_netns(run_dir):
+        try:
+            st = os.stat(os.path.join(run_dir, name))
+        except OSError:
+            continue
+        if st.st_ino == inode and st.st_dev == nsfs:  # a bind mount of the namespace
+            return name
+    return None

@@ -73,7 +73,7 @@ def run_watch(
         log = json_sink.note if json_sink is not None else (
             lambda obj: warn(f"remediate: {obj['action']} entry {obj['entry_id']}: "
                              f"{obj['reason']}"))
-        periodic = [snat_check(opts.netns)]
+        periodic = [snat_check(opts.netns, source)]
         remediator = build_remediator(opts.remediate, correlator, opts.netns,
                                       lambda r: log(r.to_json()))
         if remediator is not None:

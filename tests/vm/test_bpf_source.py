@@ -290,7 +290,7 @@ def test_netlink_and_bpf_see_the_same_entry_and_transitions(
         tracer.wait_for(
             ct(CtKind.UPDATE, orig=flow, state=TcpState.ESTABLISHED), "bpf ESTABLISHED"
         )
-        client.stop()  # FIN handshake: transitions the bpf filter drops on purpose
+        client.stop()  # FIN handshake: only its end (TIME_WAIT) passes the bpf filter
         nl_log.wait_for(ct(CtKind.UPDATE, orig=flow, state=TcpState.TIME_WAIT), "TIME_WAIT")
         topology.conntrack_delete(sport)
         bpf_destroy = tracer.wait_for(ct(CtKind.DESTROY, orig=flow), "bpf DESTROY")
@@ -304,7 +304,7 @@ def test_netlink_and_bpf_see_the_same_entry_and_transitions(
     assert (nl_destroy.orig, nl_destroy.reply) == (bpf_destroy.orig, bpf_destroy.reply)
 
     # ctnetlink reports every state; keep the changes the bpf programs report
-    # (out of SYN_SENT, into ESTABLISHED or CLOSE): the two must agree.
+    # (out of SYN_SENT, into ESTABLISHED, TIME_WAIT or CLOSE): the two must agree.
     seen = nl_log.matching(ct(CtKind.NEW, orig=flow)) + nl_log.matching(
         ct(CtKind.UPDATE, orig=flow)
     )
@@ -312,7 +312,8 @@ def test_netlink_and_bpf_see_the_same_entry_and_transitions(
     nl_changes = [(a, b) for a, b in itertools.pairwise(known) if a != b]
     wanted = [
         (a, b) for a, b in nl_changes
-        if a == TcpState.SYN_SENT or b in (TcpState.ESTABLISHED, TcpState.CLOSE)
+        if a == TcpState.SYN_SENT
+        or b in (TcpState.ESTABLISHED, TcpState.TIME_WAIT, TcpState.CLOSE)
     ]
     assert wanted == transitions(tracer, new)
     assert (TcpState.LAST_ACK, TcpState.TIME_WAIT) in nl_changes  # ctnetlink saw the close

@@ -224,6 +224,13 @@ class BpfSource:
         """The settings the loaded program was built with (None before open)."""
         return self._settings
 
+    def insert_failures(self) -> dict[int, int]:
+        """NATed TCP entries whose confirm failed since the programs were loaded (an insert
+        clash: the packet was dropped), by network namespace inode ({} before open)."""
+        if self._bpf is None:
+            return {}
+        return {int(k.value): int(v.value) for k, v in self._bpf["ctt_insert_failed"].items()}
+
     # --- Source protocol ---------------------------------------------------------------
 
     def open(self) -> None:
