@@ -28,19 +28,18 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cttrace.identity.model import PodRef
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.plumbing import in_netns, lab_netns
 from cttrace.lab.results import ScenarioResult
+from tests import agent_http
+from tests.agent_http import Samples
 from tests.fixtures.alertmanager import Alertmanager, alertmanager, free_port  # noqa: F401
 from tests.watch_process import WatchProcess
 
@@ -50,8 +49,6 @@ NODE = "ctl-e2e-node"
 WRONG_POD = {"alertname": "CttraceWrongPod"}
 #: Generous: two cores shared with other test runs and a QEMU VM.
 DEADLINE_S = 90.0
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
@@ -88,26 +85,15 @@ class Agent:
 
     def get(self, path: str) -> tuple[int, str]:
         """GET ``path`` on the agent: (HTTP status, body)."""
-        url = f"http://127.0.0.1:{self.port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode()
+        return agent_http.get(self.port, path)
 
     def metrics(self) -> Samples:
         """``/metrics`` scraped over HTTP and parsed back: {(name, sorted labels): value}."""
-        status, text = self.get("/metrics")
-        assert status == 200, text
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+        return agent_http.scrape(self.port)
 
     def sample(self, name: str, **labels: str) -> float:
         """One sample of a scrape; 0 when the series is not exported (yet)."""
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+        return self.metrics().get(agent_http.key(name, **labels), 0.0)
 
     def terminate(self, deadline_s: float = 60.0) -> tuple[int, float]:
         """SIGTERM; (exit code, seconds to exit). Fails if it outlives ``deadline_s``."""

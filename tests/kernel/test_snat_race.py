@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cttrace.lab.background import BackgroundScenario
+from tests.lab_checks import assert_snat_race_clashed
 from tests.watch_process import Line, WatchProcess
 
 pytestmark = pytest.mark.kernel
@@ -42,14 +43,7 @@ def test_snat_race_is_a_snat_collision(tmp_path: Path) -> None:
             watch.kill()
     assert b"Traceback" not in watch.stderr
 
-    connections, ports = result.options["connections"], result.options["ports"]
-    assert isinstance(connections, int) and isinstance(ports, int)
-    answered = [a for a in result.attempts if a.outcome == "answered"]
-    assert len(answered) == ports  # every SNAT port taken once; the rest clashed
-    assert all(a.outcome == "timeout" for a in result.attempts if a not in answered)
-    # At least the first SYN of every losing connection failed to insert and was dropped.
-    assert failed >= connections - ports
-    assert result.counters["drop"] >= failed
+    assert_snat_race_clashed(result)
 
     findings = watch.findings("snat-collision")
     assert inserts_failed(watch.lines) == failed

@@ -1,19 +1,22 @@
-"""Guest side of the VM tier: one BCC compile per boot, shared by every test.
+"""Guest side of the VM tier: few BCC compiles per boot, all at the same time.
 
 These tests run only inside the Debian kernel that tests/vm/run_vm_tier.py
 boots (it sets CTTRACE_VM_GUEST=1); anywhere else they are not collected,
 because this machine's own kernel has no kprobes. The host-side entry point,
 tests/test_vm_tier.py, fails when the VM cannot run.
 
-Compiling and loading the programs takes ~2 minutes under emulation, and
-there are two users of a compile: test_bpf_source.py opens one
+Compiling and loading the programs takes a minute or more under emulation, and
+there are three users of a compile: test_bpf_source.py opens one
 :class:`BpfSource` in-process (filtered to one node namespace; its tests read
-the same :class:`EventLog`, each on its own tuples), and test_watch_bpf.py
-drives one long-lived ``cttrace watch --source bpf`` process, the way a user
-runs it, through every lab scenario in turn. The watch process is started as
-soon as the tests are collected, so that both compiles run at the same time
-(the guest has two CPUs); the in-process source is closed when its module
-ends, so that the last test can check that no cttrace program is left.
+the same :class:`EventLog`, each on its own tuples); test_watch_bpf.py drives
+one long-lived ``cttrace watch --source bpf`` process, the way a user runs it,
+through every lab scenario in turn; test_agent_bpf.py runs one ``cttrace
+agent --source bpf`` process the way the DaemonSet does. The two processes are
+started as soon as the tests are collected and the agent's tests run last, so
+that all three compiles run at the same time (the guest has two CPUs) and the
+agent meanwhile sees every other test's traffic. Each process's SIGTERM test
+checks that the BPF programs *it* loaded are gone (:func:`prog_ids_of`), so
+the tests do not depend on what else is loaded at the time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -47,7 +51,9 @@ if not GUEST:
 
 #: Where the runner collects results (a --rwdir shared with the host).
 OUT_DIR = Path(os.environ.get("CTTRACE_VM_OUT", "/tmp"))
-#: A BCC compile under emulation takes ~2 minutes, longer with two at once.
+#: The shared watch's --dead-after: how long an entry may outlive its pod.
+DEAD_AFTER_S = 2.0
+#: A BCC compile under emulation takes a minute or two, longer with three at once.
 COMPILE_DEADLINE_S = 420.0
 
 
@@ -55,8 +61,12 @@ class DrainedWatchProcess(WatchProcess):
     """A :class:`WatchProcess` whose stderr is read as it comes: BCC prints its
     compiler's warnings there, and a full pipe would stop the process."""
 
-    def __init__(self, args: list[str], ready_file: Path) -> None:
-        super().__init__(args, ready_file)
+    def __init__(self, args: list[str], ready_file: Path, *, command: str = "watch") -> None:
+        os.environ["PYTHONFAULTHANDLER"] = "1"  # for diagnose(): Python stacks on SIGABRT
+        try:
+            super().__init__(args, ready_file, command=command)
+        finally:
+            del os.environ["PYTHONFAULTHANDLER"]
         self._err = bytearray()
         self._err_reader = threading.Thread(target=self._drain, daemon=True)
         self._err_reader.start()
@@ -103,9 +113,31 @@ class DrainedWatchProcess(WatchProcess):
         self.stderr = bytes(self._err) + self.stderr
         return rc
 
-    def terminate(self) -> None:
-        """SIGTERM, as a container runtime stops it."""
+    def terminate(self, deadline_s: float) -> tuple[int, float]:
+        """SIGTERM, as a container runtime stops it: (exit code, seconds to exit).
+        Fails if the process outlives ``deadline_s``."""
+        sent = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=deadline_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {deadline_s:.0f} s after SIGTERM; "
+                                 f"{self.diagnose()}") from None
+        return rc, time.monotonic() - sent
+
+    def save(self, path: Path) -> None:
+        """Kill it if still running; write what it printed (stderr, then the stdout lines)."""
+        self.kill()
+        self._reader.join(timeout=10)
+        self._err_reader.join(timeout=10)
+        while not self._q.empty():
+            line = self._q.get_nowait()
+            if line is not None:
+                self.lines.append(line)
+        with contextlib.suppress(OSError), open(path, "w") as log:
+            log.write(self._err.decode(errors="replace"))
+            log.write("\n--- stdout lines read ---\n")
+            log.writelines(json.dumps(line) + "\n" for line in self.lines)
 
 
 class SharedWatch:
@@ -116,7 +148,6 @@ class SharedWatch:
     follower sees a new inode at the path and starts over on it), and
     :meth:`caught_up` tells a lab when the process has read that file to its
     end, so that a scenario's first packet never beats its pods' identity.
-    ``prog_ids_before``: the BPF programs loaded before it started.
     """
 
     def __init__(self) -> None:
@@ -127,17 +158,12 @@ class SharedWatch:
         start = self.dir / "identity-start.jsonl"
         start.touch()
         self.follow(start)
-        self.prog_ids_before = bpf_prog_ids()
         self.started = time.time()
-        os.environ["PYTHONFAULTHANDLER"] = "1"  # for diagnose(): Python stacks on SIGABRT
-        try:
-            self.process = DrainedWatchProcess(
-                ["--source", "bpf", "--output", "json", "--flows",
-                 "--identity-file", str(self.link), "--dead-after", "2"],
-                self.dir / "ready",
-            )
-        finally:
-            del os.environ["PYTHONFAULTHANDLER"]
+        self.process = DrainedWatchProcess(
+            ["--source", "bpf", "--output", "json", "--flows",
+             "--identity-file", str(self.link), "--dead-after", f"{DEAD_AFTER_S:g}"],
+            self.dir / "ready",
+        )
 
     def follow(self, identity: Path) -> None:
         tmp = self.dir / "identity.jsonl.new"
@@ -166,16 +192,44 @@ class SharedWatch:
 
     def close(self) -> None:
         """Kill it if still running; keep what it printed in the results directory."""
-        self.process.kill()
-        self.process._reader.join(timeout=10)
-        while not self.process._q.empty():
-            line = self.process._q.get_nowait()
-            if line is not None:
-                self.process.lines.append(line)
-        with contextlib.suppress(OSError), open(OUT_DIR / "watch.log", "w") as log:
-            log.write(self.process._err.decode(errors="replace"))
-            log.write("\n--- stdout lines read ---\n")
-            log.writelines(json.dumps(line) + "\n" for line in self.process.lines)
+        self.process.save(OUT_DIR / "watch.log")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SharedAgent:
+    """One ``cttrace agent --source bpf`` process, started as the DaemonSet starts it
+    (deploy/base/daemonset.yaml), with what the VM does not have replaced:
+
+    * ``--source bpf`` instead of ``auto``: here a fallback to netlink would hide a failure;
+    * ``--listen 127.0.0.1:0``: loopback, on a port the kernel picks (its "started" log
+      line says which);
+    * ``--alertmanager-url`` at a closed loopback port: no Alertmanager in the VM, and
+      alerts it cannot deliver must not hold up its shutdown past the deadline;
+    * no identity: no API server in the VM (identity is the kernel tier's business), so
+      ``/readyz`` turns ready once the source is attached.
+
+    It traces the guest's own namespace, as the DaemonSet traces the node's
+    (``hostNetwork``); without ``--netns`` the bpf source reports NATed entries of
+    every namespace, the topology's and the labs' included.
+    """
+
+    NODE = "ctl-vm-node"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ctl-agent-"))
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            self.alertmanager_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.started = time.time()
+        self.process = DrainedWatchProcess(
+            ["--source", "bpf", "--listen", "127.0.0.1:0", "--node", self.NODE,
+             "--alertmanager-url", self.alertmanager_url],
+            self.dir / "ready", command="agent",
+        )
+        self.port = 0
+
+    def close(self) -> None:
+        self.process.save(OUT_DIR / "agent.log")
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -187,23 +241,63 @@ def bpf_prog_ids() -> set[int]:
     return {int(prog["id"]) for prog in json.loads(out or "[]")}
 
 
+def prog_ids_of(pid: int) -> set[int]:
+    """Ids of the BPF programs process ``pid`` holds open (``prog_id:`` in the fdinfo of
+    its BPF program fds; BCC keeps one open for every program it loaded)."""
+    ids = set()
+    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            for line in fdinfo.read_text().splitlines():
+                if line.startswith("prog_id:"):
+                    ids.add(int(line.split()[1]))
+    return ids
+
+
+def kprobe_events_of(pid: int) -> list[str]:
+    """The tracefs kprobe events BCC created for process ``pid`` (named ``…_bcc_<pid>``)."""
+    events = Path("/sys/kernel/tracing/kprobe_events").read_text()
+    return [line for line in events.splitlines() if f"_bcc_{pid} " in line]
+
+
+def assert_detached(pid: int, programs: set[int], deadline_s: float) -> None:
+    """After process ``pid`` exited: none of ``programs`` is loaded any more (they are freed
+    after their last reference goes: waited for, up to ``deadline_s``), and none of its
+    kprobe events is left."""
+    deadline = time.monotonic() + deadline_s
+    while (left := bpf_prog_ids() & programs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == set(), f"BPF programs left after exit: {sorted(left)}"
+    assert kprobe_events_of(pid) == []
+
+
 _shared_watch: SharedWatch | None = None
+_shared_agent: SharedAgent | None = None
+AGENT_MODULE = "test_agent_bpf.py"
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
-    """Start the shared watch process now if any test needs it: its compile then
-    overlaps the in-process one."""
-    global _shared_watch
-    if GUEST and _shared_watch is None and any(
+    """Start the shared watch and agent processes now if any test needs them: their
+    compiles then overlap the in-process one. The agent's tests go last: by then its
+    compile is long done, and the others' compiles did not wait for it."""
+    global _shared_watch, _shared_agent
+    if not GUEST:
+        return
+    if _shared_watch is None and any(
         "bpf_watch" in getattr(item, "fixturenames", ()) for item in items
     ):
         _shared_watch = SharedWatch()
+    if _shared_agent is None and any(
+        "bpf_agent" in getattr(item, "fixturenames", ()) for item in items
+    ):
+        _shared_agent = SharedAgent()
+    items.sort(key=lambda item: item.path.name == AGENT_MODULE)  # stable: order kept otherwise
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _shared_watch is not None:
-        _shared_watch.close()
+    for shared in (_shared_watch, _shared_agent):
+        if shared is not None:
+            shared.close()
 
 
 @pytest.fixture(scope="session")
@@ -216,6 +310,24 @@ def bpf_watch() -> SharedWatch:
     write_timing("watch_compile_and_attach_s",
                   watch.process.ready_file.stat().st_mtime - watch.started)
     return watch
+
+
+@pytest.fixture(scope="session")
+def bpf_agent() -> SharedAgent:
+    """The shared ``cttrace agent --source bpf`` process, attached: its ready file written
+    and its "started" log line read (``port`` set)."""
+    assert _shared_agent is not None, "started by pytest_collection_modifyitems"
+    agent = _shared_agent
+    if not agent.port:
+        agent.process.wait_ready(timeout=COMPILE_DEADLINE_S)
+        write_timing("agent_compile_and_attach_s",
+                     agent.process.ready_file.stat().st_mtime - agent.started)
+        started = agent.process.wait_for(
+            lambda x: x.get("kind") == "agent" and x.get("msg") == "started", timeout=10)
+        host, port = started["listen"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0, started
+        agent.port = int(port)
+    return agent
 
 
 class EventLog:
@@ -303,6 +415,15 @@ def samples() -> Iterator[dict[str, dict[str, object]]]:
     out.mkdir(parents=True, exist_ok=True)
     for name, sample in recorded.items():
         (out / f"{name}.json").write_text(json.dumps(sample, indent=1, sort_keys=True) + "\n")
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline_s: float) -> None:
+    """Wait for ``condition`` (polled every 0.1 s); fail after ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
 
 
 def write_timing(key: str, seconds: float) -> None:

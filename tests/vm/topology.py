@@ -22,6 +22,7 @@ import secrets
 import select
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,20 @@ else:
         print("error", exc.errno, flush=True)
 sys.stdin.read()
 s.close()
+"""
+
+
+_LOAD_CODE = r"""
+import socket, sys
+dst, port = sys.argv[1], int(sys.argv[2])
+print("started", flush=True)
+while True:
+    s = socket.socket()
+    try:
+        s.connect((dst, port))
+    except OSError:
+        pass
+    s.close()
 """
 
 
@@ -204,6 +219,20 @@ class Topology:
         """
         return self.spawn(self.client_ns, _CLIENT_CODE, dst, str(dport), str(sport),
                           "wait" if wait else "nowait")
+
+    @contextlib.contextmanager
+    def load(self, vip_port: int = 80) -> Iterator[Process]:
+        """Connection load through the Service for the ``with`` block: a client in the
+        client netns connects to ``VIP:vip_port`` and closes, again and again, as fast
+        as it can (each connection a new NATed entry in the node's conntrack)."""
+        load = self.spawn(self.client_ns, _LOAD_CODE, VIP, str(vip_port))
+        try:
+            if load.expect_line() != "started":
+                raise RuntimeError("the load did not start")
+            yield load
+        finally:
+            load.proc.kill()
+            load.proc.wait()
 
     def conntrack_delete(self, sport: int) -> None:
         in_ns(self.node_ns, "conntrack", "-D", "-p", "tcp", "--orig-port-src", str(sport))

@@ -1,0 +1,107 @@
+"""``cttrace agent --source bpf`` on Debian's kernel, run as the DaemonSet runs it (issue 5).
+
+One agent process (:class:`~tests.vm.conftest.SharedAgent`: the DaemonSet's arguments,
+with what the VM lacks replaced) was started when the tests were collected, so that its
+BCC compile overlapped the others; it has traced the guest since, and these tests run
+last. What the cluster relies on, each checked from outside the process:
+
+* ``/healthz`` and ``/readyz`` (the DaemonSet's startup, liveness and readiness probes)
+  answer 200 once the bpf source is attached, and the ready file is there;
+* ``/metrics`` counts the bpf source's events while connection load goes through a
+  Service, and exports the lost-event and kretprobe-miss counters an operator alerts on;
+* SIGTERM under that load (what the kubelet sends on a rolling update) exits 0 within the
+  DaemonSet's ``terminationGracePeriodSeconds``, before the kubelet's SIGKILL, with no
+  traceback, and every BPF program the agent loaded is gone from the kernel
+  (``bpftool prog``), with its kprobe events.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests import agent_http
+from tests.agent_http import key
+
+from .conftest import (
+    SharedAgent,
+    assert_detached,
+    bpf_prog_ids,
+    kprobe_events_of,
+    prog_ids_of,
+    wait_until,
+    write_timing,
+)
+from .topology import Topology
+
+pytestmark = pytest.mark.vm
+
+DAEMONSET = Path(__file__).resolve().parents[2] / "deploy" / "base" / "daemonset.yaml"
+#: How long the load may take to show in /metrics, under emulation.
+LOAD_SEEN_S = 90.0
+#: New entries of the load the agent must have counted before it is stopped.
+LOAD_ENTRIES = 20
+
+
+def grace_period_s() -> float:
+    """The DaemonSet's terminationGracePeriodSeconds: SIGTERM, then SIGKILL after this."""
+    spec = yaml.safe_load(DAEMONSET.read_text())["spec"]["template"]["spec"]
+    return float(spec["terminationGracePeriodSeconds"])
+
+
+def bpf_events(samples: agent_http.Samples, kind: str) -> float:
+    return samples.get(key("cttrace_events_total", source="bpf", kind=kind), 0.0)
+
+
+def test_probes_answer_once_the_bpf_source_is_attached(bpf_agent: SharedAgent) -> None:
+    agent = bpf_agent.process
+    started = agent.wait_for(lambda x: x.get("kind") == "agent" and x.get("msg") == "started",
+                             timeout=0)
+    assert started["source"] == "bpf" and started["fallback"] is None
+    assert started["node"] == SharedAgent.NODE
+    assert started["alertmanagers"] == [bpf_agent.alertmanager_url]
+    assert agent_http.get(bpf_agent.port, "/healthz") == (200, "source attached\n")
+    assert agent_http.get(bpf_agent.port, "/readyz") == (200, "ready\n")
+    assert agent.ready_file.read_text() == "bpf\n"
+
+    # What an operator alerts on is exported from the start, for the bpf source.
+    samples = agent_http.scrape(bpf_agent.port)
+    assert key("cttrace_lost_events_total", source="bpf") in samples
+    assert key("cttrace_kretprobe_misses_total", source="bpf") in samples
+
+
+def test_sigterm_under_load_exits_0_within_the_grace_period_and_detaches(
+    bpf_agent: SharedAgent, topology: Topology
+) -> None:
+    agent = bpf_agent.process
+    pid = agent.proc.pid
+    programs = prog_ids_of(pid)
+    assert programs and programs <= bpf_prog_ids()
+    assert kprobe_events_of(pid)
+    grace = grace_period_s()
+
+    before = agent_http.scrape(bpf_agent.port)
+    with topology.load(80) as load:
+        # Under load: the agent's bpf event counters are moving right now.
+        def counting() -> bool:
+            now = agent_http.scrape(bpf_agent.port)
+            return all(bpf_events(now, kind) >= bpf_events(before, kind) + LOAD_ENTRIES
+                       for kind in ("new", "update"))
+
+        wait_until(counting, f"{LOAD_ENTRIES} new entries of the load in /metrics", LOAD_SEEN_S)
+        rc, took = agent.terminate(grace)
+        assert load.proc.poll() is None, "the load ended before the agent did"
+    assert agent.stop() == 0 == rc, agent.stderr.decode(errors="replace")[-3000:]
+    assert b"Traceback" not in agent.stderr, agent.stderr.decode(errors="replace")[-3000:]
+    write_timing("agent_sigterm_to_exit_s", took)
+    summary = agent.lines[-1]
+    assert summary["kind"] == "summary" and summary["events"] >= 3 * LOAD_ENTRIES
+    assert not agent.ready_file.exists(), "the ready file outlived the agent"
+    with socket.socket() as probe:  # the port is released
+        assert probe.connect_ex(("127.0.0.1", bpf_agent.port)) == errno.ECONNREFUSED
+    # Every program it loaded is gone, and so are its kprobe events.
+    assert_detached(pid, programs, grace)
