@@ -584,8 +584,12 @@ class Correlator:
         if entry is None or entry.replied is not None or entry.created is None:
             return
         creator = entry.creator
-        if creator is not None and creator.sock_id == ev.sock_id:
-            return
+        if (creator is not None and creator.sock_id == ev.sock_id
+                and ev.ts - creator.ts <= self.settings.inherit_window):
+            return  # the creator's own connect, seen twice
+        # A struct sock address names a socket only while it lives: a client that closes
+        # a timed-out socket and retries gets a new socket, which the slab allocator
+        # (tcp_prot's sock cache, LIFO per CPU) often places at the very same address.
         if creator is None and ev.ts - entry.created <= self.settings.inherit_window:
             entry.creator = ev  # this connect created the entry; its event came second
             return

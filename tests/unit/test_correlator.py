@@ -288,6 +288,15 @@ def test_second_socket_on_an_unreplied_tuple_inherits_the_entry() -> None:
     assert socks["old"]["pid"] == 100 and socks["new"]["pid"] == 200  # type: ignore[index]
 
 
+def test_retry_socket_at_the_freed_sockets_address_still_inherits() -> None:
+    """The kernel reuses a closed socket's memory: same address, new socket, new process."""
+    corr = Correlator()
+    out = corr.feed(_connect(8.999, 0xA, pid=100), 8.999)
+    out += corr.feed(ct(CtKind.NEW, 9.0, TcpState.SYN_SENT), 9.0)
+    out += corr.feed(_connect(12.0, 0xA, pid=200), 12.0)
+    assert rules(out) == ["inherited-entry"]
+
+
 def test_connect_event_after_its_own_confirm_is_not_inheritance() -> None:
     corr = Correlator()
     out = corr.feed(ct(CtKind.NEW, 9.0, TcpState.SYN_SENT), 9.0)
