@@ -209,6 +209,34 @@ def test_kernel_filter_drops_unnated_tcp_and_udp_before_the_socket(lab: Lab) -> 
         userspace.close()
 
 
+def test_kernel_filter_drops_only_the_closing_states_of_a_fin_close(lab: Lab) -> None:
+    """FIN_WAIT/CLOSE_WAIT/LAST_ACK never reach the filtered socket; what the rules read does."""
+    kernel = lab.source()
+    userspace = lab.source(kernel_filter=False)
+    try:
+        for src in (kernel, userspace):
+            src.read()
+        client = lab.connect(VIP, 80)
+        server_side = lab.keep[-1]
+        sport = client.getsockname()[1]
+        client.close()  # FIN from the client, then from the server: the entry ends in TIME_WAIT
+        server_side.close()
+        seen = {src: collect(src, has(CtKind.UPDATE, sport, tcp_state=TcpState.TIME_WAIT))
+                for src in (kernel, userspace)}
+        states = {src: [e.tcp_state for e in ct_events(events, sport)]
+                  for src, events in seen.items()}
+        assert TcpState.FIN_WAIT in states[userspace]  # the kernel did go through them
+        assert states[kernel] == [s for s in states[userspace]
+                                  if s not in (TcpState.FIN_WAIT, TcpState.CLOSE_WAIT,
+                                               TcpState.LAST_ACK)]
+        assert states[kernel] == [TcpState.SYN_SENT, TcpState.SYN_RECV,
+                                  TcpState.ESTABLISHED, TcpState.TIME_WAIT]
+        assert kernel.stats().filtered == 0
+    finally:
+        kernel.close()
+        userspace.close()
+
+
 def test_overflow_counts_loss_and_resyncs_with_the_live_entries(lab: Lab) -> None:
     src = lab.source(rcvbuf=1)  # the kernel raises it to its minimum: a couple of messages
     try:

@@ -6,8 +6,9 @@ Three things decide whether it keeps up at high connection rates (DESIGN.md:
 and they matter more than parse speed:
 
 * a classic BPF socket filter (:func:`ctnetlink.nat_tcp_filter`) drops events
-  that are not TCP or have no NAT bit inside the kernel, before they are
-  charged to the receive buffer;
+  that are not TCP or have no NAT bit, and UPDATEs into FIN_WAIT, CLOSE_WAIT
+  and LAST_ACK that no rule reads, inside the kernel, before they are charged
+  to the receive buffer;
 * a large receive buffer (SO_RCVBUFFORCE, which ignores net.core.rmem_max);
 * when the buffer still overflows (ENOBUFS), the loss is counted and reported
   and the table is dumped again, so the correlator can resynchronise.
