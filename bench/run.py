@@ -140,7 +140,8 @@ def render(info: str, sections: dict[str, object], cmd: str) -> tuple[str, str]:
         r0 = p.runs[0]
         body += [
             "## Userspace pipeline (one core)", "",
-            f"{p.events:,} ctnetlink events ({p.flows:,} connections of 7 events; 1 in "
+            f"{p.events:,} ctnetlink events ({p.flows:,} connections of "
+            f"{len(pipeline.LIFECYCLE)} events; 1 in "
             f"{pipeline.LATE_EVERY} answered late, 1 in {pipeline.WRONG_POD_EVERY} of those by a "
             f"recycled IP) in read() batches of {pipeline.BATCH}, through `decode_messages` and "
             f"`Correlator.feed`/`tick` with a {pipeline.PODS:,}-pod identity index; pinned to "
