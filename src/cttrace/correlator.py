@@ -143,8 +143,10 @@ class Correlator:
         self.identity = identity
         self.entries: dict[int, Entry] = {}
         self._by_orig: dict[tuple[str, int, str, int], Entry] = {}  # Flow or orig_tuple keys
-        # (client ip, client port) -> entry: an RST names the client side and the pod, not the VIP.
-        self._by_client: dict[tuple[str, int], Entry] = {}
+        # (client ip, client port) -> entry: an RST names the client side and the pod, not the
+        # VIP. Built at the first TcpReset (only the bpf source sends them), then kept up:
+        # ~100 B per entry that a netlink-only correlator never pays.
+        self._by_client: dict[tuple[str, int], Entry] | None = None
         self._sockets: collections.OrderedDict[tuple[str, int, str, int], SockConnect] = (
             collections.OrderedDict()  # Flow keys
         )
@@ -248,7 +250,8 @@ class Correlator:
             self._forget(old)
         self.entries[ev.entry_id] = entry
         self._by_orig[entry.orig_tuple] = entry
-        self._by_client[(orig.src, orig.sport)] = entry
+        if self._by_client is not None:
+            self._by_client[(orig.src, orig.sport)] = entry
         if len(self.entries) > self.settings.max_entries:
             oldest = next(iter(self.entries.values()))
             self._forget(oldest)
@@ -260,9 +263,11 @@ class Correlator:
             del self.entries[entry.entry_id]
         if self._by_orig.get(entry.orig_tuple) is entry:
             del self._by_orig[entry.orig_tuple]
-        client_key = (entry.orig_tuple[0], entry.orig_tuple[1])  # (client ip, client port)
-        if self._by_client.get(client_key) is entry:
-            del self._by_client[client_key]
+        by_client = self._by_client
+        if by_client is not None:
+            client_key = (entry.orig_tuple[0], entry.orig_tuple[1])  # (client ip, client port)
+            if by_client.get(client_key) is entry:
+                del by_client[client_key]
         self._dead_watch.pop(entry.entry_id, None)
 
     def _on_created(self, entry: Entry, now: float) -> None:
@@ -534,7 +539,12 @@ class Correlator:
         if not ev.sent:
             return
         rst = ev.flow
-        entry = self._by_client.get((rst.src, rst.sport))
+        by_client = self._by_client
+        if by_client is None:
+            # Later entries win a shared client ip:port, as when kept up from the start.
+            by_client = self._by_client = {(e.orig_tuple[0], e.orig_tuple[1]): e
+                                           for e in self.entries.values()}
+        entry = by_client.get((rst.src, rst.sport))
         if entry is None or entry.target != (rst.dst, rst.dport) or entry.replied is not None:
             return
         if Rule.UNNATED_REPLY in entry.reported:

@@ -274,6 +274,18 @@ def test_client_rst_to_the_pod_ip_is_critical_unnated_reply() -> None:
     assert found[0].to_json()["socket"] == {"pid": 77, "comm": "curl"}
 
 
+def test_client_rst_finds_entries_created_after_the_first_rst_and_not_destroyed_ones() -> None:
+    """The client-side index is built at the first RST and kept up from then on."""
+    corr = Correlator(identity=world(t_a_dies=None))
+    stray = TcpReset(0.5, Flow(CLIENT_IP, 39999, POD_IP, 8080), sent=True, pid=1, comm="x")
+    assert corr.feed(stray, 0.5) == []
+    rst = TcpReset(1.01, Flow(CLIENT_IP, 40000, POD_IP, 8080), sent=True, pid=77, comm="curl")
+    run(corr, [ct(CtKind.NEW, 1.0, TcpState.SYN_SENT), ct(CtKind.DESTROY, 1.005, None)])
+    assert corr.feed(rst, 1.01) == []
+    run(corr, [ct(CtKind.NEW, 2.0, TcpState.SYN_SENT, entry_id=2)])
+    assert rules(corr.feed(rst._replace(ts=2.01), 2.01)) == ["unnated-reply"]
+
+
 def _connect(ts: float, sock_id: int, pid: int) -> SockConnect:
     return SockConnect(ts, ORIG, pid, "client", 42, 4026532000, sock_id)
 
