@@ -181,13 +181,36 @@ static __always_inline int ctt_transition_wanted(__u8 old_state, __u8 new_state)
 	       new_state == TCP_CONNTRACK_CLOSE;
 }
 
+/*
+ * Fill ev from the kernel-side record of a tracked entry: the tuples, zone,
+ * mark and netns were captured at confirm; the status and the clock are read now.
+ */
+static __always_inline void ctt_fill_tracked(struct ctt_ct_event *ev, __u32 kind,
+					     struct nf_conn *ct, __u64 ct_ptr,
+					     const struct ctt_tracked *tracked)
+{
+	unsigned long status = 0;
+
+	CTT_READ(status, ct, struct nf_conn, status);
+	ev->hdr.ts_ns = bpf_ktime_get_ns();
+	ev->hdr.kind = kind;
+	ev->hdr.netns_ino = tracked->netns_ino;
+	ev->ct_ptr = ct_ptr;
+	ev->created_ns = tracked->created_ns;
+	ev->orig = tracked->orig;
+	ev->reply = tracked->reply;
+	ev->status = (__u32)status;
+	ev->mark = tracked->mark;
+	ev->zone = tracked->zone;
+	ev->l3num = tracked->l3num;
+}
+
 /* Emit CTT_EV_CT_UPDATE when ct's state moved from old_state in a way the rules need. */
 static __always_inline void ctt_report_transition(struct pt_regs *ctx, struct nf_conn *ct,
 						  __u64 ct_ptr, const struct ctt_tracked *tracked,
 						  __u8 old_state)
 {
 	struct ctt_ct_event ev = {};
-	unsigned long status = 0;
 
 	CTT_READ(ev.tcp_state, ct, struct nf_conn, proto.tcp.state);
 	if (ev.tcp_state == old_state)
@@ -196,18 +219,7 @@ static __always_inline void ctt_report_transition(struct pt_regs *ctx, struct nf
 		ctt_count(CTT_CNT_FILTERED_TRANSITION);
 		return;
 	}
-	CTT_READ(status, ct, struct nf_conn, status);
-	ev.hdr.ts_ns = bpf_ktime_get_ns();
-	ev.hdr.kind = CTT_EV_CT_UPDATE;
-	ev.hdr.netns_ino = tracked->netns_ino;
-	ev.ct_ptr = ct_ptr;
-	ev.created_ns = tracked->created_ns;
-	ev.orig = tracked->orig;
-	ev.reply = tracked->reply;
-	ev.status = (__u32)status;
-	ev.mark = tracked->mark;
-	ev.zone = tracked->zone;
-	ev.l3num = tracked->l3num;
+	ctt_fill_tracked(&ev, CTT_EV_CT_UPDATE, ct, ct_ptr, tracked);
 	ev.old_tcp_state = old_state;
 	ctt_emit(ctx, &ev, sizeof(ev));
 }
@@ -248,7 +260,6 @@ int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
 	struct ctt_tracked *tracked = ctt_tracked.lookup(&ct_ptr);
 	struct ctt_ct_event ev = {};
 	struct ctt_tcp_call *call;
-	unsigned long status = 0;
 	__u64 call_key;
 
 	if (!tracked)
@@ -265,19 +276,8 @@ int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
 		ctt_report_transition(ctx, ct, ct_ptr, tracked, call->old_state);
 		ctt_tcp_stash.delete(&call_key);
 	}
-	CTT_READ(status, ct, struct nf_conn, status);
 	CTT_READ(ev.tcp_state, ct, struct nf_conn, proto.tcp.state);
-	ev.hdr.ts_ns = bpf_ktime_get_ns();
-	ev.hdr.kind = CTT_EV_CT_DESTROY;
-	ev.hdr.netns_ino = tracked->netns_ino;
-	ev.ct_ptr = ct_ptr;
-	ev.created_ns = tracked->created_ns;
-	ev.orig = tracked->orig;
-	ev.reply = tracked->reply;
-	ev.status = (__u32)status;
-	ev.mark = tracked->mark;
-	ev.zone = tracked->zone;
-	ev.l3num = tracked->l3num;
+	ctt_fill_tracked(&ev, CTT_EV_CT_DESTROY, ct, ct_ptr, tracked);
 	ctt_emit(ctx, &ev, sizeof(ev));
 	ctt_tracked.delete(&ct_ptr);
 	return 0;
