@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from cttrace.identity.model import PodRef
+
 Line = dict[str, Any]
 
 
@@ -101,3 +103,14 @@ class WatchProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def ref(pod: PodRef | None) -> dict[str, str] | None:
+    """A pod as findings name it (``client``, ``old_owner``, ...), to compare with a JSON line."""
+    return None if pod is None else {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}
+
+
+def owner(line: Line, key: str) -> dict[str, str] | None:
+    """A finding's owner field (``old_owner``/``new_owner``) without keys added later."""
+    obj = line[key]
+    return None if obj is None else {k: obj[k] for k in ("namespace", "name", "uid")}

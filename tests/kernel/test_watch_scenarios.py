@@ -12,21 +12,11 @@ from typing import Any
 
 import pytest
 
-from cttrace.identity.model import PodRef
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.results import ScenarioResult
-from tests.watch_process import Line, WatchProcess
+from tests.watch_process import WatchProcess, owner, ref
 
 pytestmark = pytest.mark.kernel
-
-
-def ref(pod: PodRef | None) -> dict[str, str] | None:
-    return None if pod is None else {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}
-
-
-def owner(line: Line, key: str) -> dict[str, str] | None:
-    obj = line[key]
-    return None if obj is None else {k: obj[k] for k in ("namespace", "name", "uid")}
 
 
 @contextmanager

@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 
-from cttrace.identity.model import PodRef
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.results import ScenarioResult
 from tests.lab_checks import assert_snat_race_clashed
-from tests.watch_process import Line
+from tests.watch_process import Line, owner, ref
 
 from .conftest import (
     DEAD_AFTER_S,
@@ -54,15 +53,6 @@ def wall(ts: str) -> float:
 
 def inserts_failed(findings: list[Line]) -> int:
     return sum(x["deltas"]["insert_failed"] for x in findings)
-
-
-def ref(pod: PodRef | None) -> dict[str, str] | None:
-    return None if pod is None else {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}
-
-
-def owner(line: Line, key: str) -> dict[str, str] | None:
-    obj = line[key]
-    return None if obj is None else {k: obj[k] for k in ("namespace", "name", "uid")}
 
 
 @contextmanager
