@@ -34,6 +34,10 @@ from cttrace.findings import Finding, Rule, Severity, rfc3339
 from cttrace.identity.model import IdentityView, PodRef, ServiceRef
 
 _SEEN_REPLY = int(CtStatus.SEEN_REPLY)
+#: One int object per distinct status word and target port, kept by every entry that has
+#: it: a node has a handful of each, and an int above 256 is a 32-byte object of its own.
+_SHARED_INTS: dict[int, int] = {}
+_shared = _SHARED_INTS.setdefault
 # Read for every event: an Enum member as a module global costs ~10 ns, as a class
 # attribute (CtKind.NEW) ~70 ns on Python 3.11.
 _NEW, _DESTROY = CtKind.NEW, CtKind.DESTROY
@@ -220,7 +224,9 @@ class Correlator:
                 self._on_created(entry, now)
             return
         entry.last_seen = ev.ts
-        entry.status |= ev.status
+        status = entry.status | ev.status
+        if status != entry.status:
+            entry.status = _shared(status, status)
         if ev.tcp_state is not None:
             entry.state = ev.tcp_state
         if entry.replied is None and _is_reply(ev):
@@ -235,10 +241,10 @@ class Correlator:
             entry_id=ev.entry_id,
             orig_tuple=(orig.src, orig.sport, orig.dst, orig.dport),
             target_ip=ev.reply.src,
-            target_port=ev.reply.sport,
+            target_port=_shared(ev.reply.sport, ev.reply.sport),
             created=created,
             state=ev.tcp_state,
-            status=ev.status,
+            status=_shared(ev.status, ev.status),
             source=ev.source,
             last_seen=ev.ts,
         )
