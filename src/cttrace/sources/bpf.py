@@ -397,8 +397,10 @@ class BpfSource:
         return [int(table.sum(slot).value) for slot in range(len(table))]
 
     def _check_kernel_lost(self, out: list[Event]) -> None:
-        counters = self._counters()
-        lost = counters[CNT_LOST] + counters[CNT_STASH_FULL]
+        # After every read: only the two slots that count lost events (one map
+        # lookup per slot, summed over the CPUs); stats() reads them all.
+        table = self._bpf["ctt_counters"]
+        lost = sum(int(table.sum(slot).value) for slot in (CNT_LOST, CNT_STASH_FULL))
         if lost > self._kernel_lost_seen:
             reason = "ring buffer full" if self._settings and self._settings.ringbuf else (
                 "perf buffer full"
