@@ -441,10 +441,6 @@ def dump_request(seq: int, family: int = socket.AF_UNSPEC) -> bytes:
     )
 
 
-_BE16 = Struct("!H")
-_BE32 = Struct("!I")
-
-
 def _attr(kind: int, payload: bytes) -> bytes:
     """One attribute, padded to NLA_ALIGNTO (4)."""
     raw = _NLA.pack(4 + len(payload), kind) + payload
@@ -510,6 +506,10 @@ _LITTLE = sys.byteorder == "little"
 _NLMSG_TYPE_LOW = 4 if _LITTLE else 5
 _NLMSG_FLAGS_CREATE = (7, NLM_F_CREATE >> 8) if _LITTLE else (6, NLM_F_CREATE >> 8)
 
+#: One instruction as nat_tcp_filter writes it: (code, jump-if-true label,
+#: jump-if-false label, k); the labels become offsets when the program is packed.
+_Insn = tuple[int, str | None, str | None, int]
+
 #: Verdicts: a socket filter returns how many bytes of the message to keep.
 _ACCEPT = 0xFFFFFFFF
 _REJECT = 0
@@ -538,51 +538,39 @@ def nat_tcp_filter() -> bytes:
     """
     nlattr = (_SKF_AD_OFF + _SKF_AD_NLATTR) & 0xFFFFFFFF
     nlattr_nest = (_SKF_AD_OFF + _SKF_AD_NLATTR_NEST) & 0xFFFFFFFF
-    ld_imm = _BPF_LD | _BPF_IMM
     ldx_imm = _BPF_LDX | _BPF_IMM
-    ld_anc = _BPF_LD | _BPF_W | _BPF_ABS
     ld_byte = _BPF_LD | _BPF_B | _BPF_ABS
+    ld_byte_x = _BPF_LD | _BPF_B | _BPF_IND
     jeq = _BPF_JMP | _BPF_JEQ | _BPF_K
-    # (code, jump-if-true label, jump-if-false label, k); labels resolved below.
-    prog: list[tuple[int, str | None, str | None, int]] = [
-        (ld_imm, None, None, ATTRS_OFFSET),  # A = offset of the first attribute
-        (ldx_imm, None, None, CTA_STATUS),
-        (ld_anc, None, None, nlattr),  # A = offset of CTA_STATUS, 0 if absent
-        (jeq, "accept", None, 0),
-        (_BPF_MISC | _BPF_TAX, None, None, 0),  # X = A
+    jset = _BPF_JMP | _BPF_JSET | _BPF_K
+
+    def find(*path: int) -> list[_Insn]:
+        """X = offset of the attribute at ``path`` (top level first, then inside each
+        nest in turn); the message is accepted when any of them is absent (A == 0)."""
+        steps: list[_Insn] = [(_BPF_LD | _BPF_IMM, None, None, ATTRS_OFFSET)]
+        for depth, attr in enumerate(path):
+            steps += [
+                (ldx_imm, None, None, attr),
+                (_BPF_LD | _BPF_W | _BPF_ABS, None, None, nlattr_nest if depth else nlattr),
+                (jeq, "accept", None, 0),
+            ]
+        return [*steps, (_BPF_MISC | _BPF_TAX, None, None, 0)]
+
+    prog: list[_Insn] = [
+        *find(CTA_STATUS),
         # BPF word loads are big-endian, as ctnetlink stores CTA_STATUS.
         (_BPF_LD | _BPF_W | _BPF_IND, None, None, 4),
-        (_BPF_JMP | _BPF_JSET | _BPF_K, None, "reject", NAT_MASK),
-        (ld_imm, None, None, ATTRS_OFFSET),
-        (ldx_imm, None, None, CTA_TUPLE_ORIG),
-        (ld_anc, None, None, nlattr),  # A = offset of CTA_TUPLE_ORIG
-        (jeq, "accept", None, 0),
-        (ldx_imm, None, None, CTA_TUPLE_PROTO),
-        (ld_anc, None, None, nlattr_nest),  # A = offset of CTA_TUPLE_PROTO inside it
-        (jeq, "accept", None, 0),
-        (ldx_imm, None, None, CTA_PROTO_NUM),
-        (ld_anc, None, None, nlattr_nest),  # A = offset of CTA_PROTO_NUM
-        (jeq, "accept", None, 0),
-        (_BPF_MISC | _BPF_TAX, None, None, 0),
-        (_BPF_LD | _BPF_B | _BPF_IND, None, None, 4),  # A = protocol number (u8)
+        (jset, None, "reject", NAT_MASK),
+        *find(CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_PROTO_NUM),
+        (ld_byte_x, None, None, 4),  # A = protocol number (u8)
         (jeq, None, "reject", IPPROTO_TCP),
         # Only an UPDATE (CT_NEW without NLM_F_CREATE) goes on to the state check.
         (ld_byte, None, None, _NLMSG_TYPE_LOW),  # A = ctnetlink message (low byte)
         (jeq, None, "accept", IPCTNL_MSG_CT_NEW),
         (ld_byte, None, None, _NLMSG_FLAGS_CREATE[0]),
-        (_BPF_JMP | _BPF_JSET | _BPF_K, "accept", None, _NLMSG_FLAGS_CREATE[1]),
-        (ld_imm, None, None, ATTRS_OFFSET),
-        (ldx_imm, None, None, CTA_PROTOINFO),
-        (ld_anc, None, None, nlattr),  # A = offset of CTA_PROTOINFO, 0 if absent
-        (jeq, "accept", None, 0),
-        (ldx_imm, None, None, CTA_PROTOINFO_TCP),
-        (ld_anc, None, None, nlattr_nest),
-        (jeq, "accept", None, 0),
-        (ldx_imm, None, None, CTA_PROTOINFO_TCP_STATE),
-        (ld_anc, None, None, nlattr_nest),
-        (jeq, "accept", None, 0),
-        (_BPF_MISC | _BPF_TAX, None, None, 0),
-        (_BPF_LD | _BPF_B | _BPF_IND, None, None, 4),  # A = TCP conntrack state (u8)
+        (jset, "accept", None, _NLMSG_FLAGS_CREATE[1]),
+        *find(CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE),
+        (ld_byte_x, None, None, 4),  # A = TCP conntrack state (u8)
         *((jeq, "reject", None, state) for state in sorted(CLOSING_STATES)),
         (_BPF_RET | _BPF_K, None, None, _ACCEPT),  # "accept"
         (_BPF_RET | _BPF_K, None, None, _REJECT),  # "reject"
