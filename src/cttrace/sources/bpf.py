@@ -21,7 +21,7 @@ import ctypes
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,9 @@ BPF_DIR_ENV = "CTTRACE_BPF_DIR"
 #: satisfied by the header text placed first.
 PROGRAM_FILES = ("cttrace.h", "maps.bpf.c", "conntrack.bpf.c", "connect.bpf.c", "reset.bpf.c")
 _LOCAL_INCLUDE = '#include "cttrace.h"'
+#: Counter slots whose events never left the kernel: a failed buffer write, a call
+#: the return probe could not be matched with.
+_LOST_SLOTS = (CNT_LOST, CNT_STASH_FULL)
 
 #: (kernel function, entry program, return program or None)
 _KPROBES = (
@@ -281,7 +284,7 @@ class BpfSource:
             # The kernel counts every failed buffer write (bpf_ringbuf_output and
             # bpf_perf_event_output both return -ENOSPC), so perf's own lost
             # records are the same events counted again: shown, not added.
-            self._stats.lost = counters[CNT_LOST] + counters[CNT_STASH_FULL]
+            self._stats.lost = sum(counters[slot] for slot in _LOST_SLOTS)
             self._stats.filtered = counters[CNT_FILTERED]  # entries: not NATed TCP, other netns
             # State changes of tracked entries that no rule needs, also dropped in the kernel.
             self._stats.extra["filtered_transitions"] = counters[CNT_FILTERED_TRANSITION]
@@ -392,15 +395,14 @@ class BpfSource:
     def _on_perf_lost(self, count: int) -> None:
         self._perf_lost += count  # already counted in the kernel: see stats()
 
-    def _counters(self) -> list[int]:
+    def _counters(self, slots: Iterable[int] | None = None) -> list[int]:
+        """The per-CPU counters summed over the CPUs: ``slots`` (one map lookup each), or all."""
         table = self._bpf["ctt_counters"]
-        return [int(table.sum(slot).value) for slot in range(len(table))]
+        return [int(table.sum(slot).value) for slot in slots or range(len(table))]
 
     def _check_kernel_lost(self, out: list[Event]) -> None:
-        # After every read: only the two slots that count lost events (one map
-        # lookup per slot, summed over the CPUs); stats() reads them all.
-        table = self._bpf["ctt_counters"]
-        lost = sum(int(table.sum(slot).value) for slot in (CNT_LOST, CNT_STASH_FULL))
+        # After every read: only the slots that count lost events; stats() reads them all.
+        lost = sum(self._counters(_LOST_SLOTS))
         if lost > self._kernel_lost_seen:
             reason = "ring buffer full" if self._settings and self._settings.ringbuf else (
                 "perf buffer full"
