@@ -257,7 +257,7 @@ class Correlator:
         self.entries[ev.entry_id] = entry
         self._by_orig[entry.orig_tuple] = entry
         if self._by_client is not None:
-            self._by_client[(orig.src, orig.sport)] = entry
+            self._by_client[_client_key(entry)] = entry
         if len(self.entries) > self.settings.max_entries:
             oldest = next(iter(self.entries.values()))
             self._forget(oldest)
@@ -271,7 +271,7 @@ class Correlator:
             del self._by_orig[entry.orig_tuple]
         by_client = self._by_client
         if by_client is not None:
-            client_key = (entry.orig_tuple[0], entry.orig_tuple[1])  # (client ip, client port)
+            client_key = _client_key(entry)
             if by_client.get(client_key) is entry:
                 del by_client[client_key]
         self._dead_watch.pop(entry.entry_id, None)
@@ -548,8 +548,7 @@ class Correlator:
         by_client = self._by_client
         if by_client is None:
             # Later entries win a shared client ip:port, as when kept up from the start.
-            by_client = self._by_client = {(e.orig_tuple[0], e.orig_tuple[1]): e
-                                           for e in self.entries.values()}
+            by_client = self._by_client = {_client_key(e): e for e in self.entries.values()}
         entry = by_client.get((rst.src, rst.sport))
         if entry is None or entry.target != (rst.dst, rst.dport) or entry.replied is not None:
             return
@@ -659,6 +658,11 @@ class _Wait:
 
 
 _WAIT = _Wait()
+
+
+def _client_key(entry: Entry) -> tuple[str, int]:
+    """(client ip, client port): the key of Correlator._by_client."""
+    return (entry.orig_tuple[0], entry.orig_tuple[1])
 
 
 def _is_reply(ev: CtEvent) -> bool:
