@@ -290,23 +290,22 @@ def _connect(ts: float, sock_id: int, pid: int) -> SockConnect:
     return SockConnect(ts, ORIG, pid, "client", 42, 4026532000, sock_id)
 
 
-def test_second_socket_on_an_unreplied_tuple_inherits_the_entry() -> None:
+@pytest.mark.parametrize(
+    "retry_sock_id",
+    [
+        0xB,
+        # The kernel reuses a closed socket's memory: same address, new socket, new process.
+        pytest.param(0xA, id="at-the-freed-sockets-address"),
+    ],
+)
+def test_second_socket_on_an_unreplied_tuple_inherits_the_entry(retry_sock_id: int) -> None:
     corr = Correlator()
     out = corr.feed(_connect(8.999, 0xA, pid=100), 8.999)
     out += corr.feed(ct(CtKind.NEW, 9.0, TcpState.SYN_SENT), 9.0)
-    out += corr.feed(_connect(12.0, 0xB, pid=200), 12.0)
+    out += corr.feed(_connect(12.0, retry_sock_id, pid=200), 12.0)
     assert rules(out) == ["inherited-entry"]
     socks = out[0].to_json()["sockets"]
     assert socks["old"]["pid"] == 100 and socks["new"]["pid"] == 200  # type: ignore[index]
-
-
-def test_retry_socket_at_the_freed_sockets_address_still_inherits() -> None:
-    """The kernel reuses a closed socket's memory: same address, new socket, new process."""
-    corr = Correlator()
-    out = corr.feed(_connect(8.999, 0xA, pid=100), 8.999)
-    out += corr.feed(ct(CtKind.NEW, 9.0, TcpState.SYN_SENT), 9.0)
-    out += corr.feed(_connect(12.0, 0xA, pid=200), 12.0)
-    assert rules(out) == ["inherited-entry"]
 
 
 def test_connect_event_after_its_own_confirm_is_not_inheritance() -> None:
