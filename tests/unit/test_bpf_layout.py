@@ -33,7 +33,7 @@ from cttrace.sources.bpf_layout import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-HEADER = REPO / "bpf" / "cttrace.h"
+HEADER = REPO / "src" / "cttrace" / "bpf" / "cttrace.h"
 SAMPLES = Path(__file__).parent / "data" / "bpf"
 EXPECTED_SAMPLES = {
     "ct_new", "ct_update_syn_recv", "ct_destroy", "connect", "reset_sent", "reset_received",

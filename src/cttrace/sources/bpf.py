@@ -2,8 +2,9 @@
 
 This is the only module that imports bcc, and it does so inside
 :meth:`BpfSource.open`: importing cttrace never compiles or attaches anything.
-The C lives in ``bpf/`` beside the package (one header with the event layout,
-one file per concern); :func:`program_text` prepends the settings as
+The C ships inside the package as data (``cttrace/bpf/``: one header with the
+event layout, one file per concern), found through :mod:`importlib.resources` so
+an installed wheel finds it as a checkout does; :func:`program_text` prepends the settings as
 ``#define``\\ s and concatenates them into the single text BCC compiles, which
 is also what ``--dump-bpf`` prints.
 
@@ -23,6 +24,8 @@ import select
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,6 @@ from cttrace.sources.bpf_layout import (
 )
 from cttrace.sources.probe import SEND_RESET_KPROBE, BpfFeatures, check_bpf
 
-#: Environment override for where the C files are (an installed package without bpf/ beside it).
-BPF_DIR_ENV = "CTTRACE_BPF_DIR"
 #: Concatenated in this order; each .bpf.c file's ``#include "cttrace.h"`` is
 #: satisfied by the header text placed first.
 PROGRAM_FILES = ("cttrace.h", "maps.bpf.c", "conntrack.bpf.c", "connect.bpf.c", "reset.bpf.c")
@@ -59,10 +60,9 @@ _KPROBES = (
 )
 
 
-def default_bpf_dir() -> Path:
-    """``bpf/`` at the top of the source tree (this file is src/cttrace/sources/bpf.py)."""
-    env = os.environ.get(BPF_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "bpf"
+def default_bpf_dir() -> Traversable:
+    """The package's own ``bpf/`` folder (package data, wherever cttrace is installed)."""
+    return resources.files("cttrace") / "bpf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +117,7 @@ def settings_for(features: BpfFeatures, wanted: BpfSettings) -> BpfSettings:
     )
 
 
-def program_text(settings: BpfSettings, bpf_dir: Path | None = None) -> str:
+def program_text(settings: BpfSettings, bpf_dir: Traversable | None = None) -> str:
     """The complete C text BCC compiles (what ``--dump-bpf`` prints)."""
     bpf_dir = bpf_dir or default_bpf_dir()
     parts = [
@@ -131,7 +131,7 @@ def program_text(settings: BpfSettings, bpf_dir: Path | None = None) -> str:
         except OSError as exc:
             raise SourceError(
                 f"cannot read the BPF program {path}: {exc.strerror} "
-                f"(set {BPF_DIR_ENV} to the directory holding cttrace's bpf/ files)"
+                "(the cttrace package is installed without its bpf/ data files: reinstall it)"
             ) from exc
         if name != "cttrace.h":
             text = text.replace(_LOCAL_INCLUDE, "/* cttrace.h: inlined above */")
@@ -179,7 +179,7 @@ class BpfSource:
         *,
         settings: BpfSettings | None = None,
         headers: str | None = None,
-        bpf_dir: Path | None = None,
+        bpf_dir: Traversable | None = None,
         on_raw: Callable[[bytes], None] | None = None,
     ) -> None:
         """``netns_ino``: report conntrack entries of this network namespace only.
