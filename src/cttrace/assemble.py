@@ -8,7 +8,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +16,11 @@ from cttrace.correlator import Correlator, Entry, Settings
 from cttrace.errors import UserError
 from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
+from cttrace.remediate import Mode
+from cttrace.rules import snat_collision
 from cttrace.runtime import IdentityPoller, Periodic
 from cttrace.sources import Source
+from cttrace.sources.select import SourceKind
 
 if TYPE_CHECKING:
     from cttrace.remediate import Remediation
@@ -31,25 +34,22 @@ def warn(msg: str) -> None:
 class TraceOptions:
     """What ``watch`` and ``agent`` share: where to trace, who is who, the rules' clocks."""
 
-    source: str = "auto"  # auto | bpf | netlink
+    source: str = SourceKind.AUTO
     netns: str | None = None
     identity_file: Path | None = None
     kubeconfig: str | None = None
     kube: bool = False  # follow the Kubernetes API (kubeconfig or in-cluster)
-    late_after: float = 3.0
-    identity_grace: float = 5.0
-    dead_after: float = 5.0
+    rule_settings: dict[str, float] = field(default_factory=dict)
+    """Values of the rules' settings by name (``late_after``); defaults for the rest."""
     ready_file: Path | None = None
-    remediate: str = "off"  # off | on | dry-run
+    remediate: str = Mode.OFF
 
 
 def build_tracing(opts: TraceOptions) -> tuple[Correlator, list[IdentityPoller]]:
     """The correlator, its identity index (``correlator.identity``) and what feeds it."""
     index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
                                     kube=opts.kube)
-    settings = Settings(late_after=opts.late_after, identity_grace=opts.identity_grace,
-                        dead_after=opts.dead_after)
-    return Correlator(settings, identity=index), pollers
+    return Correlator(Settings.of(opts.rule_settings), identity=index), pollers
 
 
 def build_identity(
@@ -82,7 +82,7 @@ def build_identity(
 
 
 def snat_check(netns: str | None, source: Source | None = None, *,
-               interval: float = 5.0) -> Periodic:
+               interval: float = snat_collision.SAMPLE_INTERVAL) -> Periodic:
     """``snat-collision``: sample the traced namespace's insert_failed/drop counters on a timer.
 
     With the bpf source, also every other namespace's failed NATed TCP inserts, which its
@@ -125,7 +125,7 @@ def snat_check(netns: str | None, source: Source | None = None, *,
 def build_remediator(mode: str, correlator: Correlator, netns: str | None,
                      log: Callable[[Remediation], None]) -> Periodic | None:
     """``--remediate``: None when off; refuses without identity (it decides by pod ownership)."""
-    from cttrace.remediate import Mode, Remediator
+    from cttrace.remediate import Remediator
 
     chosen = Mode(mode)
     if chosen is Mode.OFF:

@@ -7,6 +7,8 @@ stderr and a non-zero exit here, at the edge, never a traceback.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import signal
 import sys
 import threading
@@ -18,6 +20,9 @@ from typing import Annotated, Any
 import typer
 
 from cttrace.errors import UserError
+from cttrace.remediate import Mode as RemediateMode
+from cttrace.rules import RULES, settings_of
+from cttrace.sources.select import SourceKind
 
 app = typer.Typer(
     name="cttrace",
@@ -31,12 +36,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class SourceKind(enum.StrEnum):
-    auto = "auto"
-    netlink = "netlink"
-    bpf = "bpf"
 
 
 class OutputKind(enum.StrEnum):
@@ -100,27 +99,35 @@ IdentityFileOpt = Annotated[
                  "lines: {\"type\": ADDED|MODIFIED|DELETED, \"object\": Pod|Service|"
                  "EndpointSlice}) to name pods and Services; the lab writes one."),
 ]
-LateAfterOpt = Annotated[
-    float,
-    typer.Option("--late-after", help="Seconds an entry may stay unreplied before its first "
-                 "reply counts as late-establish.", min=0.0),
-]
-GraceOpt = Annotated[
-    float,
-    typer.Option("--identity-grace", help="Seconds a decision waits for identity that lags "
-                 "the kernel (pod status reaches the API late).", min=0.0),
-]
-DeadAfterOpt = Annotated[
-    float,
-    typer.Option("--dead-after", help="Seconds an entry may outlive its pod before "
-                 "dead-endpoint fires.", min=0.0),
-]
 
 
-class RemediateMode(enum.StrEnum):
-    off = "off"
-    dry_run = "dry-run"
-    on = "on"
+def _with_rule_settings(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` one option per rule setting that has a flag (``--late-after``...),
+    as the rules declare it (cttrace.rules): the command receives their values as
+    ``rule_settings``, by setting name. A new rule's setting is a new option here."""
+    flagged = [s for s in settings_of() if s.flag]
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "rule_settings"]
+    params += [
+        inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=s.default,
+                          annotation=Annotated[float, typer.Option(s.flag, help=s.help,
+                                                                   min=0.0)])
+        for s in flagged
+    ]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        values = {s.name: kwargs.pop(s.name) for s in flagged}
+        command(rule_settings=values, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+def _rule_help() -> str:
+    ids = ", ".join(spec.id for spec in RULES)
+    return f"Only findings of this rule: {ids} (repeatable)."
 
 
 RemediateOpt = Annotated[
@@ -145,8 +152,9 @@ def _want_kube(kubeconfig: str | None, no_kube: bool) -> bool:
 
 
 @app.command()
+@_with_rule_settings
 def watch(
-    source: SourceOpt = SourceKind.auto,
+    source: SourceOpt = SourceKind.AUTO,
     netns: NetnsOpt = None,
     identity_file: IdentityFileOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -163,13 +171,8 @@ def watch(
     ip: Annotated[list[str] | None, typer.Option(
         "--ip", help="Only flows/findings with this client, VIP or backend IP (repeatable).")
     ] = None,
-    rule: Annotated[list[str] | None, typer.Option(
-        "--rule", help="Only findings of this rule: wrong-pod, late-establish, dead-endpoint, "
-        "unnated-reply, inherited-entry, snat-collision (repeatable).")] = None,
-    late_after: LateAfterOpt = 3.0,
-    identity_grace: GraceOpt = 5.0,
-    dead_after: DeadAfterOpt = 5.0,
-    remediate: RemediateOpt = RemediateMode.off,
+    rule: Annotated[list[str] | None, typer.Option("--rule", help=_rule_help())] = None,
+    remediate: RemediateOpt = RemediateMode.OFF,
     flows: Annotated[bool, typer.Option(
         "--flows", help="With json output, also print one line per conntrack event.")] = False,
     duration: Annotated[float | None, typer.Option(
@@ -183,11 +186,12 @@ def watch(
         "--dump-bpf", help="Print the complete BPF program text the bpf source would compile "
         "on this kernel (settings as #defines first) and exit; compiles and attaches nothing.")
     ] = False,
+    rule_settings: dict[str, float] | None = None,
 ) -> None:
     """Watch NATed TCP flows live and name what goes wrong, as it happens."""
     if dump_bpf:
+        from cttrace.netns import netns_inode
         from cttrace.sources.bpf import BpfSource
-        from cttrace.sources.select import netns_inode
 
         try:
             text = BpfSource(netns_ino=netns_inode(netns) if netns else None).dump_text()
@@ -201,8 +205,7 @@ def watch(
         source=str(source), netns=netns, identity_file=identity_file,
         kubeconfig=kubeconfig, kube=_want_kube(kubeconfig, False), output=str(output),
         namespaces=namespace or [], services=service or [],
-        ips=ip or [], rules=rule or [], late_after=late_after,
-        identity_grace=identity_grace, dead_after=dead_after, flows=flows,
+        ips=ip or [], rules=rule or [], rule_settings=rule_settings or {}, flows=flows,
         duration=duration, ready_file=ready_file, remediate=str(remediate),
     )
     stop = threading.Event()
@@ -214,19 +217,18 @@ def watch(
 
 
 @app.command()
+@_with_rule_settings
 def demo(
     scenario: Annotated[str, typer.Argument(
         help="recycled-ip (a retry reaches the pod that inherited a dead pod's IP), dead-pod "
         "(a connection keeps sending to a vanished pod), bridge-no-brnf (replies bypass "
         "conntrack on a bridge), snat-race (concurrent connections clash on one MASQUERADE "
         "tuple and SYNs are dropped).")] = "recycled-ip",
-    source: SourceOpt = SourceKind.auto,
+    source: SourceOpt = SourceKind.AUTO,
     output: Annotated[OutputKind, typer.Option(
         "--output", "-o", help="table (live view) or json; auto: table on a terminal.")
     ] = OutputKind.auto,
-    late_after: LateAfterOpt = 3.0,
-    identity_grace: GraceOpt = 5.0,
-    dead_after: DeadAfterOpt = 5.0,
+    rule_settings: dict[str, float] | None = None,
 ) -> None:
     """Reproduce a conntrack failure in a network-namespace lab on this kernel and watch
     cttrace name it. Needs root; leaves nothing behind."""
@@ -236,8 +238,8 @@ def demo(
     if scenario not in EXPECTED:
         raise _fail(UserError(f"unknown scenario {scenario!r}: choose one of "
                               f"{', '.join(EXPECTED)}"))
-    opts = WatchOptions(source=str(source), output=str(output), late_after=late_after,
-                        identity_grace=identity_grace, dead_after=dead_after)
+    opts = WatchOptions(source=str(source), output=str(output),
+                        rule_settings=rule_settings or {})
     stop = threading.Event()
     try:
         with _stop_on_signals(stop):
@@ -248,8 +250,9 @@ def demo(
 
 
 @app.command()
+@_with_rule_settings
 def agent(
-    source: SourceOpt = SourceKind.auto,
+    source: SourceOpt = SourceKind.AUTO,
     netns: NetnsOpt = None,
     identity_file: IdentityFileOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -281,16 +284,14 @@ def agent(
         "--alertmanager-token-file", help="Bearer token file for Alertmanager.")] = None,
     alertmanager_ca: Annotated[Path | None, typer.Option(
         "--alertmanager-ca", help="CA bundle to verify Alertmanager's TLS certificate.")] = None,
-    late_after: LateAfterOpt = 3.0,
-    identity_grace: GraceOpt = 5.0,
-    dead_after: DeadAfterOpt = 5.0,
-    remediate: RemediateOpt = RemediateMode.off,
+    remediate: RemediateOpt = RemediateMode.OFF,
     shutdown_deadline: Annotated[float, typer.Option(
         "--shutdown-deadline", help="Seconds SIGTERM may take to flush alerts before exit.",
         min=0.0)] = 10.0,
     ready_file: Annotated[Path | None, typer.Option(
         "--ready-file",
         help="Write this file once the source is attached and identity is in sync.")] = None,
+    rule_settings: dict[str, float] | None = None,
 ) -> None:
     """Run as the node agent: JSON logs, /metrics, /healthz, /readyz and Alertmanager alerts."""
     import os
@@ -318,9 +319,8 @@ def agent(
             generator_url=generator_url or "", resend_interval=resend_interval,
             alert_hold=alert_hold, alert_queue=alert_queue, basic_auth=basic_auth,
             bearer_token=token, ca_file=str(alertmanager_ca) if alertmanager_ca else None,
-            late_after=late_after, identity_grace=identity_grace, dead_after=dead_after,
-            shutdown_deadline=shutdown_deadline, ready_file=ready_file,
-            remediate=str(remediate),
+            rule_settings=rule_settings or {}, shutdown_deadline=shutdown_deadline,
+            ready_file=ready_file, remediate=str(remediate),
         )
         stop = threading.Event()
         with _stop_on_signals(stop):
@@ -404,7 +404,7 @@ def _mount_doctor() -> None:
 _mount_doctor()
 
 
-_REMEDIATE_MODES = ("on", "off", "dry-run")
+_REMEDIATE_MODES = tuple(str(mode) for mode in RemediateMode)
 
 
 def _bare_remediate(argv: list[str]) -> list[str]:
@@ -414,7 +414,7 @@ def _bare_remediate(argv: list[str]) -> list[str]:
     for i, arg in enumerate(argv):
         following = argv[i + 1] if i + 1 < len(argv) else None
         if arg == "--remediate" and following not in _REMEDIATE_MODES:
-            arg = "--remediate=on"
+            arg = f"--remediate={RemediateMode.ON}"
         out.append(arg)
     return out
 

@@ -1,4 +1,4 @@
-"""Conntrack statistics: read the kernel's per-CPU counters and watch for SNAT collisions.
+"""Conntrack statistics: read the kernel's per-CPU counters for ``snat-collision``.
 
 ``/proc/net/stat/nf_conntrack`` has a header line of column names and one line
 per possible CPU of hex values (``ct_cpu_seq_show()`` in
@@ -20,14 +20,22 @@ allocated (``nf_conntrack_in()``), with ``early_drop`` counting the evictions.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cttrace.errors import UserError
-from cttrace.events import Flow
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding
 from cttrace.netns import entered_netns
+from cttrace.rules.snat_collision import (
+    COLLISION_COUNTERS,
+    SnatCollisionSampler,
+    counter_deltas,
+)
+
+__all__ = [
+    "COLLISION_COUNTERS", "ConntrackStatsError", "NamespaceCollisions", "SnatCollisionSampler",
+    "counter_deltas", "parse_conntrack_stats", "read_conntrack_stats",
+]
 
 #: ``/proc/net`` follows the thread-group leader; ``thread-self`` follows the
 #: reading thread, which matters when a thread has entered another netns.
@@ -36,10 +44,6 @@ STAT_PATH = Path("/proc/thread-self/net/stat/nf_conntrack")
 #: The ``entries`` column is ``nf_conntrack_count`` of the namespace, printed
 #: identically on every CPU line: it is taken once, not summed.
 _NOT_PER_CPU = frozenset({"entries"})
-
-#: The counters a SNAT port clash moves.
-COLLISION_COUNTERS = ("insert_failed", "drop")
-
 
 class ConntrackStatsError(UserError):
     """The conntrack statistics file is missing or unreadable."""
@@ -91,72 +95,6 @@ def read_conntrack_stats(netns: str | None = None, path: Path = STAT_PATH) -> di
     """
     with entered_netns(netns):
         return _read_stats_file(path)
-
-
-def counter_deltas(
-    before: Mapping[str, int], after: Mapping[str, int], names: tuple[str, ...]
-) -> dict[str, int] | None:
-    """``after - before`` for ``names``; None when any counter went backwards.
-
-    Each per-CPU counter is a 32-bit ``unsigned int`` that wraps, and a
-    namespace can be recreated under the same name: a decrease means the
-    baseline is stale, not that something un-happened.
-    """
-    deltas = {name: after.get(name, 0) - before.get(name, 0) for name in names}
-    if any(d < 0 for d in deltas.values()):
-        return None
-    return deltas
-
-
-class SnatCollisionSampler:
-    """Turns successive counter samples into ``snat-collision`` findings.
-
-    ``threshold`` is the growth rate (dropped inserts per second, the larger of
-    the ``insert_failed`` and ``drop`` deltas) at which a finding is critical
-    rather than a warning. The first sample, and any sample after a counter
-    went backwards, only sets the baseline.
-    """
-
-    def __init__(self, threshold: float = 1.0, clock: Callable[[], float] = time.time) -> None:
-        if threshold <= 0:
-            raise ValueError("threshold must be positive (failures per second)")
-        self.threshold = threshold
-        self._clock = clock
-        self._prev: dict[str, int] | None = None
-        self._prev_ts = 0.0
-
-    def sample(self, stats: Mapping[str, int], now: float | None = None) -> Finding | None:
-        ts = self._clock() if now is None else now
-        prev, prev_ts = self._prev, self._prev_ts
-        self._prev, self._prev_ts = dict(stats), ts
-        if prev is None:
-            return None
-        deltas = counter_deltas(prev, stats, (*COLLISION_COUNTERS, "early_drop"))
-        if deltas is None:
-            return None
-        growth = max(deltas["insert_failed"], deltas["drop"])
-        if growth == 0:
-            return None
-        interval = ts - prev_ts
-        rate = growth / interval if interval > 0 else float(growth)
-        severity = Severity.CRITICAL if rate >= self.threshold else Severity.WARNING
-        return Finding(
-            rule=Rule.SNAT_COLLISION,
-            severity=severity,
-            ts=ts,
-            orig=Flow("", 0, "", 0),  # counters carry no tuple
-            target=("", 0),
-            summary=_summary(deltas, interval),
-            details={
-                "counters": {
-                    name: stats.get(name, 0)
-                    for name in (*COLLISION_COUNTERS, "early_drop", "clashres")
-                },
-                "deltas": deltas,
-                "interval_s": round(interval, 3),
-                "rate_per_s": round(rate, 3),
-            },
-        )
 
 
 class NamespaceCollisions:
@@ -229,18 +167,3 @@ class NamespaceCollisions:
                 "source": "bpf",
             },
         )
-
-
-def _summary(deltas: Mapping[str, int], interval: float) -> str:
-    span = f"in {interval:.1f} s"
-    if deltas["insert_failed"]:
-        return (
-            f"conntrack insert_failed +{deltas['insert_failed']}, drop +{deltas['drop']} {span}: "
-            "connections clashed on one NAT tuple and packets were dropped; "
-            "MASQUERADE/SNAT rules need --random-fully (see `cttrace doctor`)"
-        )
-    return (
-        f"conntrack drop +{deltas['drop']} {span} without insert failures "
-        f"(early_drop +{deltas['early_drop']}): the table is likely full "
-        "(see `cttrace doctor`, check conntrack-fill)"
-    )

@@ -16,15 +16,23 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from cttrace.findings import Finding, Rule
+from cttrace.findings import Finding
+from cttrace.rules import (
+    Settings,
+    dead_endpoint,
+    settings_of,
+    snat_collision,
+    unnated_reply,
+    wrong_pod,
+)
 from cttrace.watch import WatchOptions, run_watch
 
 #: What each scenario is expected to be caught as (the demo waits for these).
 EXPECTED = {
-    "recycled-ip": Rule.WRONG_POD,
-    "dead-pod": Rule.DEAD_ENDPOINT,
-    "bridge-no-brnf": Rule.UNNATED_REPLY,
-    "snat-race": Rule.SNAT_COLLISION,
+    "recycled-ip": wrong_pod.RULE.id,
+    "dead-pod": dead_endpoint.RULE.id,
+    "bridge-no-brnf": unnated_reply.RULE.id,
+    "snat-race": snat_collision.RULE.id,
 }
 
 
@@ -51,10 +59,11 @@ def run_demo(scenario: str, opts: WatchOptions, stop: threading.Event) -> int:
             # After the scenario, give time-driven rules (grace, dead-after) their time.
             while not stop.is_set() and not bg.done():
                 time.sleep(0.1)
-            slack = max(opts.identity_grace, opts.dead_after, opts.late_after) + 3.0
+            settings = Settings.of(opts.rule_settings)
+            slack = max(settings[s] for s in settings_of() if s.flag) + 3.0
             deadline = time.monotonic() + slack
             while not stop.is_set() and time.monotonic() < deadline:
-                if expected is not None and any(f.rule is expected for f in found):
+                if expected is not None and any(f.rule == expected for f in found):
                     break
                 time.sleep(0.1)
             time.sleep(0.5)  # let the view show the last finding
@@ -74,7 +83,7 @@ def _outcome(attempt: Any) -> str:
     return f"answered by {attempt.answered_by}" if attempt.answered_by else attempt.outcome
 
 
-def _verdict(scenario: str, result: object, found: list[Finding], expected: Rule | None) -> int:
+def _verdict(scenario: str, result: object, found: list[Finding], expected: str | None) -> int:
     out = sys.stderr
     if result is None:
         print("cttrace demo: stopped before the scenario finished", file=out)
@@ -89,7 +98,7 @@ def _verdict(scenario: str, result: object, found: list[Finding], expected: Rule
         outcomes = Counter(_outcome(a) for a in attempts)
         lines.append(f"{who}: {len(attempts)} connections at once: "
                      + ", ".join(f"{n} {got}" for got, n in outcomes.most_common()))
-    caught = [f for f in found if f.rule is expected]
+    caught = [f for f in found if f.rule == expected]
     if caught:
         f = caught[0]
         lines.append(f"cttrace caught it: {f.rule} ({f.severity}): {f.summary}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cttrace.findings import Finding, Rule
+from cttrace.findings import Finding
 from cttrace.identity.model import PodRef, ServiceRef
 
 
@@ -19,7 +19,9 @@ class Filter:
     @classmethod
     def build(cls, *, namespaces: Iterable[str] = (), services: Iterable[str] = (),
               ips: Iterable[str] = (), rules: Iterable[str] = ()) -> Filter:
-        known = {str(r) for r in Rule}
+        from cttrace.rules import ids
+
+        known = set(ids())
         bad = [r for r in rules if r not in known]
         if bad:
             from cttrace.errors import UserError
@@ -34,7 +36,7 @@ class Filter:
     def finding(self, f: Finding) -> bool:
         if self.rules and str(f.rule) not in self.rules:
             return False
-        if self.ips and not self.ips & {f.orig.src, f.orig.dst, f.target[0]}:
+        if self.ips and not self.ips & _ips_of(f):
             return False
         return self._names(f.client, f.service, f.old_owner, f.new_owner)
 
@@ -55,3 +57,13 @@ class Filter:
             if not any(s.name in self.services or str(s) in self.services for s in svc):
                 return False
         return True
+
+
+def _ips_of(f: Finding) -> set[str]:
+    """The client, VIP and backend a finding names (none for one decided from counters)."""
+    ips = set()
+    if f.orig is not None:
+        ips |= {f.orig.src, f.orig.dst}
+    if f.target is not None:
+        ips.add(f.target[0])
+    return ips

@@ -14,15 +14,6 @@ from cttrace.events import Flow
 from cttrace.identity.model import PodRef, ServiceRef
 
 
-class Rule(StrEnum):
-    WRONG_POD = "wrong-pod"
-    INHERITED_ENTRY = "inherited-entry"
-    LATE_ESTABLISH = "late-establish"
-    DEAD_ENDPOINT = "dead-endpoint"
-    UNNATED_REPLY = "unnated-reply"
-    SNAT_COLLISION = "snat-collision"
-
-
 class Severity(StrEnum):
     CRITICAL = "critical"
     WARNING = "warning"
@@ -41,13 +32,19 @@ def _ref(ref: PodRef | ServiceRef | None) -> dict[str, object] | None:
     return None if ref is None else ref.to_json()
 
 
+#: How a finding without a tuple (one decided from counters) writes ``orig`` and
+#: ``target``: the keys stay, as the JSON contract says, with empty values.
+_NO_ORIG = {"src": "", "sport": 0, "dst": "", "dport": 0}
+_NO_TARGET = {"ip": "", "port": 0}
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
-    rule: Rule
+    rule: str  # the id of a rule of cttrace.rules (``wrong-pod``)
     severity: Severity
     ts: float  # when the finding was decided
-    orig: Flow  # the client's view: src:sport -> VIP:port
-    target: tuple[str, int]  # DNAT target ip, port
+    orig: Flow | None  # the client's view: src:sport -> VIP:port; None: about no tuple
+    target: tuple[str, int] | None  # DNAT target ip, port; None: about no tuple
     summary: str  # one sentence a person reads first
     entry_id: int = 0
     created_ts: float | None = None  # when the conntrack entry was created
@@ -72,8 +69,9 @@ class Finding:
             "severity": str(self.severity),
             "ts": rfc3339(self.ts),
             "summary": self.summary,
-            "orig": self.orig.to_json(),
-            "target": {"ip": self.target[0], "port": self.target[1]},
+            "orig": self.orig.to_json() if self.orig is not None else dict(_NO_ORIG),
+            "target": ({"ip": self.target[0], "port": self.target[1]}
+                       if self.target is not None else dict(_NO_TARGET)),
             "unreplied_s": self.unreplied_s,
             "entry_id": self.entry_id,
             "created": rfc3339(self.created_ts) if self.created_ts is not None else None,

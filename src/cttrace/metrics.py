@@ -32,7 +32,8 @@ from prometheus_client.registry import Collector
 
 import cttrace
 from cttrace.errors import UserError
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding, Severity
+from cttrace.rules import ids
 from cttrace.sources import SourceStats
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,9 @@ class Metrics:
         info.labels(cttrace.__version__).set(1)
         # Every rule and severity is exported from the start (at 0), so that rate() and
         # alert rules see a series before the first finding.
-        for rule in Rule:
+        for rule in ids():
             for severity in Severity:
-                self._findings.labels(str(rule), str(severity))
+                self._findings.labels(rule, str(severity))
         self._event_children: dict[tuple[str, str], Any] = {}
 
     # -- the event path -------------------------------------------------------------

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cttrace.correlator import Correlator, Entry
-from cttrace.events import TcpState
 from cttrace.findings import Finding, rfc3339
 from cttrace.identity.model import IdentityView
+from cttrace.rules import UNREPLIED_TCP_STATES
 
-#: States in which no reply was seen (tcp_conntrack: SYN_SENT, or SYN_SENT2 on simultaneous open).
-_UNREPLIED_STATES = frozenset({None, int(TcpState.NONE), int(TcpState.SYN_SENT),
-                               int(TcpState.SYN_SENT2)})
+#: States in which no reply was seen; None: the source reported no state.
+_UNREPLIED_STATES: frozenset[int | None] = frozenset({None, *UNREPLIED_TCP_STATES})
 
 
 class Mode(StrEnum):
+    """What ``--remediate`` accepts."""
+
     OFF = "off"
     DRY_RUN = "dry-run"
     ON = "on"

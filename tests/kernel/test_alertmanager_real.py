@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cttrace.events import Flow
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef, ServiceRef
 from cttrace.sinks.alertmanager import AlertmanagerSink
 from tests.fixtures.alertmanager import Alertmanager, alertmanager  # noqa: F401 (fixture)
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.kernel
 def wrong_pod(sport: int = 40000) -> Finding:
     now = time.time()
     return Finding(
-        rule=Rule.WRONG_POD,
+        rule="wrong-pod",
         severity=Severity.CRITICAL,
         ts=now,
         orig=Flow("10.0.1.5", sport, "10.96.0.10", 80),

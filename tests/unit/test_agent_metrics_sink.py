@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from cttrace.agent import MetricsSink
 from cttrace.events import Flow
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding, Severity
 from cttrace.metrics import Metrics
 from cttrace.runtime import Status
 from cttrace.sinks.alertmanager import AlertmanagerSink
@@ -58,7 +58,7 @@ def test_undelivered_counts_alerts_no_alertmanager_accepted() -> None:
     sink = AlertmanagerSink(["http://127.0.0.1:9"], node="n", generator_url="")
     now = time.time()
     for sport in (40000, 40001):
-        sink.submit(Finding(rule=Rule.WRONG_POD, severity=Severity.CRITICAL, ts=now,
+        sink.submit(Finding(rule="wrong-pod", severity=Severity.CRITICAL, ts=now,
                             orig=Flow("10.0.1.5", sport, "10.96.0.10", 80),
                             target=("10.0.2.7", 8080), summary="s"))
     assert sink.undelivered() == 2 and sink.stats()["queue_depth"] == 2

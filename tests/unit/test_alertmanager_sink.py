@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cttrace.events import Flow
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding, Severity
 from cttrace.sinks.alertmanager import AlertmanagerConfigError, AlertmanagerSink
 
 Post = tuple[dict[str, str], list[dict[str, object]]]
@@ -78,7 +78,7 @@ def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = 10.
 
 
 def finding(sport: int = 40000) -> Finding:
-    return Finding(rule=Rule.WRONG_POD, severity=Severity.CRITICAL, ts=time.time(),
+    return Finding(rule="wrong-pod", severity=Severity.CRITICAL, ts=time.time(),
                    orig=Flow("10.0.1.5", sport, "10.96.0.10", 80), target=("10.0.2.7", 80),
                    summary="wrong pod")
 

@@ -18,7 +18,7 @@ from cttrace.events import (
     TcpReset,
     TcpState,
 )
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef, ServiceRef
 from tests.unit.fake_identity import FakeIdentity
 
@@ -91,7 +91,7 @@ def test_recycled_ip_to_another_service_is_critical_wrong_pod() -> None:
     recycled(ident)
     findings = run(Correlator(identity=ident), SCENARIO_1)
     assert rules(findings) == ["late-establish", "wrong-pod"]
-    wp = next(f for f in findings if f.rule is Rule.WRONG_POD)
+    wp = next(f for f in findings if f.rule == "wrong-pod")
     assert wp.severity is Severity.CRITICAL
     assert (wp.client, wp.service, wp.old_owner, wp.new_owner) == (CLIENT, CART, CART_A, LEDGER_B)
     assert wp.orig == ORIG and wp.target == (POD_IP, 8080)
@@ -107,7 +107,7 @@ def test_different_pod_of_the_same_service_is_a_warning() -> None:
     ident = world()
     recycled(ident, CART_A2, CART)
     findings = run(Correlator(identity=ident), SCENARIO_1)
-    wp = next(f for f in findings if f.rule is Rule.WRONG_POD)
+    wp = next(f for f in findings if f.rule == "wrong-pod")
     assert wp.severity is Severity.WARNING
     assert wp.new_owner == CART_A2
 
@@ -194,7 +194,7 @@ def test_ip_recycled_before_the_entry_from_outside_the_service_is_still_caught()
     ident = world(t_a_dies=8.0)
     recycled(ident, at=12.0)
     findings = run(Correlator(identity=ident), SCENARIO_1, until=25.0)
-    wp = [f for f in findings if f.rule is Rule.WRONG_POD]
+    wp = [f for f in findings if f.rule == "wrong-pod"]
     assert len(wp) == 1 and wp[0].severity is Severity.CRITICAL
     assert wp[0].old_owner == CART_A and wp[0].new_owner == LEDGER_B
 
@@ -357,9 +357,9 @@ def test_entries_share_nothing_they_report() -> None:
     corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT, entry_id=2, orig=other), 1.0)
     first, second = corr.entries[1], corr.entries[2]
     assert first.reported is second.reported and not first.reported
-    first.mark_reported(Rule.INHERITED_ENTRY)
-    first.mark_reported(Rule.UNNATED_REPLY)
-    assert first.reported == {Rule.INHERITED_ENTRY, Rule.UNNATED_REPLY}
+    first.mark_reported("inherited-entry")
+    first.mark_reported("unnated-reply")
+    assert first.reported == {"inherited-entry", "unnated-reply"}
     assert not second.reported
     assert first.target == (POD_IP, 8080)
 

@@ -10,14 +10,14 @@ import orjson
 
 from cttrace.events import CtEvent, CtKind, CtStatus, Flow, TcpState
 from cttrace.filters import Filter
-from cttrace.findings import Finding, Rule, Severity
+from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef, ServiceRef
 from cttrace.sinks.jsonl import JsonLinesSink
 
 ORIG = Flow("10.244.1.9", 40000, "10.96.0.10", 80)
 
 
-def finding(rule: Rule = Rule.WRONG_POD) -> Finding:
+def finding(rule: str = "wrong-pod") -> Finding:
     return Finding(
         rule=rule, severity=Severity.CRITICAL, ts=1_800_000_000.25, orig=ORIG,
         target=("10.244.1.5", 8080), summary="x", entry_id=7, created_ts=1_800_000_000.0,

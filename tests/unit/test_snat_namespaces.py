@@ -19,7 +19,7 @@ import pytest
 from cttrace import ctstats
 from cttrace.assemble import snat_check
 from cttrace.ctstats import NamespaceCollisions
-from cttrace.findings import Rule, Severity
+from cttrace.findings import Severity
 from cttrace.netns import netns_inode, netns_name_of
 from cttrace.sources.bpf import BpfSource
 
@@ -37,7 +37,7 @@ def test_first_failures_of_a_namespace_are_reported_from_zero_not_taken_as_a_bas
     assert check.sample(1005.0) == []
     counts[LAB] = 16  # a burst clashed between two samples
     (finding,) = check.sample(1010.0)
-    assert finding.rule is Rule.SNAT_COLLISION
+    assert finding.rule == "snat-collision"
     assert finding.severity is Severity.CRITICAL  # 16 in 5 s
     assert finding.details["deltas"] == {"insert_failed": 16, "drop": 16}
     assert finding.details["counters"] == {"insert_failed": 16, "drop": 16}

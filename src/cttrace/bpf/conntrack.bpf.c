@@ -173,12 +173,18 @@ int ctt_tcp_packet_enter(struct pt_regs *ctx, struct nf_conn *ct)
 	return 0;
 }
 
+/*
+ * Bit s of CTT_WANTED_FROM_STATES / CTT_WANTED_TO_STATES is enum tcp_conntrack's
+ * state s: a change out of a "no reply yet" state (the first reply) or into a state
+ * some rule reads. Userspace #defines both from the rules' declarations.
+ */
+#if !defined(CTT_WANTED_FROM_STATES) || !defined(CTT_WANTED_TO_STATES)
+#error "CTT_WANTED_FROM_STATES and CTT_WANTED_TO_STATES come from cttrace's BpfSettings"
+#endif
 static __always_inline int ctt_transition_wanted(__u8 old_state, __u8 new_state)
 {
-	return old_state == TCP_CONNTRACK_SYN_SENT ||
-	       new_state == TCP_CONNTRACK_ESTABLISHED ||
-	       new_state == TCP_CONNTRACK_TIME_WAIT ||
-	       new_state == TCP_CONNTRACK_CLOSE;
+	return (old_state < 32 && ((CTT_WANTED_FROM_STATES >> old_state) & 1)) ||
+	       (new_state < 32 && ((CTT_WANTED_TO_STATES >> new_state) & 1));
 }
 
 /*

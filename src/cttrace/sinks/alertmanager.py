@@ -42,54 +42,13 @@ import orjson
 import cttrace
 from cttrace.errors import UserError
 from cttrace.events import Flow
-from cttrace.findings import Finding, Rule, rfc3339
+from cttrace.findings import Finding, rfc3339
+from cttrace.rules import RULES, by_id
 
 log = logging.getLogger(__name__)
 
-ALERT_NAMES: Mapping[Rule, str] = {
-    Rule.WRONG_POD: "CttraceWrongPod",
-    Rule.INHERITED_ENTRY: "CttraceInheritedEntry",
-    Rule.LATE_ESTABLISH: "CttraceLateEstablish",
-    Rule.DEAD_ENDPOINT: "CttraceDeadEndpoint",
-    Rule.UNNATED_REPLY: "CttraceUnnatedReply",
-    Rule.SNAT_COLLISION: "CttraceSnatCollision",
-}
-
-#: What a person should do, per rule; appended to the finding's own sentence.
-_ADVICE: Mapping[Rule, str] = {
-    Rule.WRONG_POD: (
-        "The client is talking to a pod it never chose, and a pooled keep-alive client will "
-        "keep reusing this connection. Restart the client's connections or delete the entry "
-        "({delete}); keep nf_conntrack_tcp_timeout_syn_sent below the CNI's IP cooldown "
-        "(see `cttrace doctor`)."
-    ),
-    Rule.INHERITED_ENTRY: (
-        "A new socket reused the 4-tuple of an unreplied conntrack entry and inherited its old "
-        "DNAT decision, so it goes where that decision points, not where the Service points "
-        "now. Delete the entry ({delete}) and avoid fixed client source ports; see "
-        "`cttrace doctor` for nf_conntrack_tcp_timeout_syn_sent."
-    ),
-    Rule.LATE_ESTABLISH: (
-        "The entry went unanswered and then established on its old DNAT target, so the backend "
-        "that answered may not be the one that was chosen. Check which pod the client is "
-        "talking to, delete the entry if it is wrong ({delete}), and keep "
-        "nf_conntrack_tcp_timeout_syn_sent below the CNI's IP cooldown (see `cttrace doctor`)."
-    ),
-    Rule.DEAD_ENDPOINT: (
-        "Packets keep going to a backend that no longer exists and are lost until the entry "
-        "expires. Delete the entry ({delete}) and find out why the pod went away without "
-        "closing its connections."
-    ),
-    Rule.UNNATED_REPLY: (
-        "The backend's reply reached the client from the pod IP instead of the Service IP "
-        "(not reverse-NATed on the bridge), and the client reset it. Run `cttrace doctor` on "
-        "this node to check br_netfilter and net.bridge.bridge-nf-call-iptables."
-    ),
-    Rule.SNAT_COLLISION: (
-        "Run `cttrace doctor` on this node to list the MASQUERADE/SNAT rules without "
-        "--random-fully and the conntrack table fill."
-    ),
-}
+#: The ``alertname`` of each rule's findings, from the rules' own declarations.
+ALERT_NAMES: Mapping[str, str] = {spec.id: spec.alert for spec in RULES}
 
 #: Alertmanager answers these when the alerts themselves are invalid: re-sending the same
 #: batch can never succeed, so it is discarded for that URL (counted as ``rejected``).
@@ -124,14 +83,15 @@ def finding_to_alert(finding: Finding, node: str, generator_url: str) -> dict[st
     only stable names; ``tuple`` keeps two findings about different connections apart.
     Unknown names are left out rather than sent empty.
     """
+    spec = by_id(finding.rule)
     labels: dict[str, str] = {
-        "alertname": ALERT_NAMES[finding.rule],
+        "alertname": spec.alert,
         "severity": str(finding.severity),
         "node": node,
     }
-    has_tuple = bool(finding.orig.src)  # counter-based findings (snat-collision) carry none
-    if has_tuple:
-        labels["tuple"] = tuple_text(finding.orig)
+    orig = finding.orig  # None: a finding from counters (snat-collision) names no tuple
+    if orig is not None:
+        labels["tuple"] = tuple_text(orig)
     if finding.service is not None:
         labels["namespace"] = finding.service.namespace
         labels["service"] = finding.service.name
@@ -142,13 +102,13 @@ def finding_to_alert(finding: Finding, node: str, generator_url: str) -> dict[st
     ):
         if pod is not None:
             labels[name] = str(pod)
-    advice = _ADVICE[finding.rule].format(delete=_delete_command(finding.orig))
+    advice = spec.advice.format(delete=_delete_command(orig) if orig is not None else "")
     annotations: dict[str, str] = {
         "summary": f"{finding.summary.rstrip().rstrip('.')} (node {node}). {advice}",
     }
-    if has_tuple:
+    if orig is not None:
         annotations["tuple"] = labels["tuple"]
-    if finding.target[0]:
+    if finding.target is not None and finding.target[0]:
         annotations["target"] = _endpoint(*finding.target)
     if finding.unreplied_s is not None:
         annotations["unreplied_s"] = f"{finding.unreplied_s:g}"

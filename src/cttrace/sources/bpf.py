@@ -31,6 +31,7 @@ from typing import Any
 
 from cttrace.errors import SourceError
 from cttrace.events import Event, Lost
+from cttrace.rules import UNREPLIED_TCP_STATES, WANTED_TCP_STATES
 from cttrace.sources import SourceStats
 from cttrace.sources.bpf_layout import (
     CNT_FILTERED,
@@ -97,8 +98,15 @@ class BpfSettings:
             "CTT_STASH_MAX": self.stash_max,
             "CTT_SEND_RESET_TRACEPOINT": int(self.send_reset == "tracepoint"),
             "CTT_RECEIVE_RESET_TRACEPOINT": int(self.receive_reset_tracepoint),
+            # The state changes the rules read (cttrace.rules), as enum tcp_conntrack bits.
+            "CTT_WANTED_FROM_STATES": f"{_state_bits(UNREPLIED_TCP_STATES):#x}U",
+            "CTT_WANTED_TO_STATES": f"{_state_bits(WANTED_TCP_STATES):#x}U",
         }
         return "".join(f"#define {name} {value}\n" for name, value in values.items())
+
+
+def _state_bits(states: frozenset[int]) -> int:
+    return sum(1 << state for state in states)
 
 
 def settings_for(features: BpfFeatures, wanted: BpfSettings) -> BpfSettings:

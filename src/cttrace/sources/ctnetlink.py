@@ -31,6 +31,7 @@ from struct import Struct
 from typing import Any, NamedTuple
 
 from cttrace.events import NAT_MASK, CtEvent, CtKind, Flow, TcpState, address_text
+from cttrace.rules import UNREPLIED_TCP_STATES, WANTED_TCP_STATES
 
 # --- netlink (include/uapi/linux/netlink.h) ---------------------------------
 NLMSG_NOOP = 1
@@ -493,11 +494,14 @@ _SKF_AD_NLATTR = 12  # A = offset of attr X, searched from offset A to the end (
 _SKF_AD_NLATTR_NEST = 16  # A = offset of attr X inside the nest at offset A (nla_find_nested)
 _SOCK_FILTER = Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 
-#: TCP conntrack states (enum tcp_conntrack) of a connection being closed with FINs:
-#: the kernel filter drops UPDATEs into them. No rule reads them, and the bpf
-#: programs do not report them either (bpf/conntrack.bpf.c).
-CLOSING_STATES = frozenset(int(s) for s in (TcpState.FIN_WAIT, TcpState.CLOSE_WAIT,
-                                             TcpState.LAST_ACK))
+#: TCP conntrack states (enum tcp_conntrack) whose UPDATEs the kernel filter drops:
+#: those no rule reads (cttrace.rules declares what each reads) and that are not
+#: "no reply yet" (leaving those is the first reply). Today FIN_WAIT, CLOSE_WAIT and
+#: LAST_ACK, the states of a connection being closed with FINs; the bpf programs do
+#: not report them either (the same sets, as #defines: sources/bpf.py).
+CLOSING_STATES = frozenset(
+    int(s) for s in TcpState
+) - WANTED_TCP_STATES - UNREPLIED_TCP_STATES
 
 # struct nlmsghdr is in host byte order; BPF_B loads take single bytes, so these
 # say which byte holds nlmsg_type's low half (the ctnetlink message) and which
@@ -528,7 +532,7 @@ def nat_tcp_filter() -> bytes:
     and counts it, so the kernel filter can only ever drop what is certainly
     irrelevant.
 
-    It also rejects UPDATE events into the closing states no rule reads
+    It also rejects UPDATE events into the states no rule reads
     (:data:`CLOSING_STATES`: FIN_WAIT, CLOSE_WAIT, LAST_ACK), as the bpf
     programs never report them: a connection closed with FINs then arrives
     as NEW, SYN_RECV, ESTABLISHED, TIME_WAIT and DESTROY: five events instead

@@ -6,22 +6,22 @@ back to ctnetlink with one line saying exactly why.
 
 from __future__ import annotations
 
-import os
+from enum import StrEnum
 
 from cttrace.errors import SourceError, UserError
+from cttrace.netns import netns_inode
 from cttrace.sources import Source
 
-KINDS = ("auto", "netlink", "bpf")
+
+class SourceKind(StrEnum):
+    """What ``--source`` accepts."""
+
+    AUTO = "auto"
+    NETLINK = "netlink"
+    BPF = "bpf"
 
 
-def netns_inode(netns: str) -> int:
-    """Inode of a named network namespace (what ``ct->ct_net->ns.inum`` holds)."""
-    path = netns if netns.startswith("/") else f"/var/run/netns/{netns}"
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        raise UserError(f"network namespace {netns!r} not found ({path} does not exist; "
-                        "`ip netns list` shows the names)") from None
+KINDS = tuple(str(kind) for kind in SourceKind)
 
 
 def _open_netlink(netns: str | None) -> Source:
@@ -42,11 +42,11 @@ def _open_bpf(netns: str | None) -> Source:
 
 def open_source(kind: str, netns: str | None) -> tuple[Source, str | None]:
     """Open and return ``(source, note)``; ``note`` says why ``auto`` fell back, else None."""
-    if kind == "netlink":
+    if kind == SourceKind.NETLINK:
         return _open_netlink(netns), None
-    if kind == "bpf":
+    if kind == SourceKind.BPF:
         return _open_bpf(netns), None
-    if kind != "auto":
+    if kind != SourceKind.AUTO:
         raise UserError(f"unknown source {kind!r}: choose from {', '.join(KINDS)}")
     try:
         return _open_bpf(netns), None
