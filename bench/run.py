@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run [--quick] [--skip-lab] [--skip-vm] [--no-readme]
                                   [--only SECTION ...]
 
-What runs (issue 7), each measured side by side in one run where there is a
+What runs (the goals are in docs/DESIGN.md), each measured side by side in one run where there is a
 comparison, and quoted as medians:
 
 1. userspace pipeline (bench/pipeline.py): decode + correlate 1M synthetic
@@ -253,8 +253,8 @@ def render(info: str, sections: dict[str, object], cmd: str) -> tuple[str, str]:
                               f"{p99a:.1f} ms", _verdict(p99a <= 1000)))
     elif isinstance(lab, str):
         body += ["## Lab storms and latency", "", f"Not run: {lab}.", ""]
-        goals.append(("netlink source under a storm; latency", "see issue 7", f"not run: {lab}",
-                      "n/a"))
+        goals.append(("netlink source under a storm; latency", "see docs/DESIGN.md",
+                      f"not run: {lab}", "n/a"))
     bpf_goal, bpf_body = _bpf_section(sections.get("bpf"))
     goals.append(bpf_goal)
     body += bpf_body
@@ -265,7 +265,7 @@ def render(info: str, sections: dict[str, object], cmd: str) -> tuple[str, str]:
     readme = "\n".join(head + table)
     results = "\n".join(["# Benchmark results", "",
                          "Written by `make bench` (bench/run.py); do not edit by hand.", "",
-                         *head, "## Goals (issue 7)", "", *table, "", *body])
+                         *head, "## Goals", "", *table, "", *body])
     return results + "\n", readme + "\n"
 
 

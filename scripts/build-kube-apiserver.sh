@@ -6,7 +6,7 @@
 # vendor/ tree, builds offline). Cached outside the repository; nothing built
 # here is ever committed. Idempotent: a second run only prints the path.
 #
-# The one trap (see DESIGN.md "A real kube-apiserver can be built here"): the
+# The one trap (docs/DESIGN.md, "A real kube-apiserver can be built here"): the
 # vendored github.com/modern-go/reflect2 v1.0.1 reads Go runtime internals
 # that changed in Go 1.18 and segfaults as soon as a custom resource is served;
 # Debian's golang-github-modern-go-reflect2-dev (1.0.2) replaces it.

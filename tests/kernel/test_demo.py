@@ -1,4 +1,4 @@
-"""``cttrace demo``, the README's first command, run as a user runs it (issue 2).
+"""``cttrace demo``, the README's first command, run as a user runs it.
 
 Each scenario the demo offers runs in a lab on this kernel with the tracer
 attached; the demo must name the failure (JSON lines on stdout, the verdict on

@@ -1,4 +1,4 @@
-"""``--remediate`` never breaks a graceful drain (issue 6, acceptance).
+"""``--remediate`` never breaks a graceful drain.
 
 The ``graceful-drain`` lab scenario on this kernel: an ESTABLISHED connection
 through a Service to a pod that starts terminating (Pod deletionTimestamp,

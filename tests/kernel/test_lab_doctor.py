@@ -1,4 +1,4 @@
-"""``cttrace doctor`` against the lab's own node namespaces (issue 6, acceptance).
+"""``cttrace doctor`` against the lab's own node namespaces.
 
 tests/kernel/test_doctor.py audits hand-made namespaces; here the doctor runs,
 as a separate process the way a user runs it, against the node of a lab

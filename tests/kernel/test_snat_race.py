@@ -1,4 +1,4 @@
-"""``snat-race`` on this kernel, caught by ``cttrace watch``'s snat-collision sampler (issue 6).
+"""``snat-race`` on this kernel, caught by ``cttrace watch``'s snat-collision sampler.
 
 The lab's node masquerades traffic to a pod without --random-fully, from a few
 source ports; a burst of concurrent connections from one client pod clashes

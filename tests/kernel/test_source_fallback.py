@@ -1,4 +1,4 @@
-"""On this machine's own kernel the bpf source cannot run (no kprobes, see DESIGN.md):
+"""On this machine's own kernel the bpf source cannot run (no kprobes, docs/DESIGN.md):
 ``--source auto`` falls back to netlink and says exactly why, and ``--source bpf`` refuses
 with one clear line and a non-zero exit, never a traceback. Both run ``cttrace watch`` as a
 separate process, as a user does.

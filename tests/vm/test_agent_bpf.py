@@ -1,4 +1,4 @@
-"""``cttrace agent --source bpf`` on Debian's kernel, run as the DaemonSet runs it (issue 5).
+"""``cttrace agent --source bpf`` on Debian's kernel, run as the DaemonSet runs it.
 
 One agent process (:class:`~tests.vm.conftest.SharedAgent`: the DaemonSet's arguments,
 with what the VM lacks replaced) was started when the tests were collected, so that its

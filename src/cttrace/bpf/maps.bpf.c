@@ -11,7 +11,7 @@
  * BCC only rewrites dereferences of pointers it can trace back to a probe
  * argument, the verifier rejects the others, and an automatically rewritten
  * read of ct->tuplehash[IP_CT_DIR_REPLY] at confirm time was seen returning
- * zeros (see DESIGN.md).  One spelling everywhere, visible in --dump-bpf.
+ * zeros (docs/DESIGN.md).  One spelling everywhere, visible in --dump-bpf.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/skbuff.h>

@@ -1,4 +1,6 @@
-"""The field failures, replayed on the real kernel (DESIGN.md, "The problem cttrace exists for").
+"""The field failures, replayed on the real kernel.
+
+docs/DESIGN.md, "The problem cttrace exists for", tells each failure.
 
 Each scenario takes a built :class:`~cttrace.lab.node.Lab`, sets up its pods
 and Services, waits for ``wait_ready`` (a tracer attaching), makes the failure

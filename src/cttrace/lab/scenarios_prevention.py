@@ -1,4 +1,4 @@
-"""Lab scenarios for prevention (issue 6): what ``--remediate`` must leave alone, and SNAT clashes.
+"""Lab scenarios for prevention: what ``--remediate`` must leave alone, and SNAT clashes.
 
 - ``graceful-drain``: a long-lived connection to a pod that starts terminating
   (rolling update: Pod deletionTimestamp set, its EndpointSlice endpoint

@@ -28,7 +28,7 @@ from cttrace.rules._spec import (
 __all__ = [
     "IDENTITY_GRACE", "RULES", "UNREPLIED_TCP_STATES", "WANTED_TCP_STATES", "Checker",
     "Context", "RuleSpec", "Setting", "Settings", "TrackedEntry", "by_id", "ids",
-    "settings_of", "unknown_settings",
+    "readme_table", "settings_of", "unknown_settings",
 ]
 
 
@@ -82,3 +82,10 @@ UNREPLIED_TCP_STATES = frozenset({int(TcpState.NONE), int(TcpState.SYN_SENT),
 #: The states whose UPDATE some rule reads: the kernel-side filters drop UPDATEs into
 #: any other state (FIN_WAIT, CLOSE_WAIT, LAST_ACK today) before they are queued.
 WANTED_TCP_STATES = frozenset().union(*(spec.tcp_states for spec in RULES))
+
+
+def readme_table() -> str:
+    """The README's "What it catches" table (``python -m cttrace.rules --write README.md``)."""
+    rows = ["| rule | fires when | needs |", "|---|---|---|"]
+    rows += [f"| `{spec.id}` | {spec.fires_when} | {spec.needs} |" for spec in RULES]
+    return "\n".join(rows) + "\n"

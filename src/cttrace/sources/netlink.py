@@ -1,9 +1,9 @@
 """The ``netlink`` source: conntrack events from ctnetlink, as ``conntrack -E`` reads them.
 
 Needs only CAP_NET_ADMIN and works on kernels where kprobes or BCC cannot.
-Three things decide whether it keeps up at high connection rates (DESIGN.md:
-``conntrack -E`` loses ~27% of NEW events at ~9.7k conn/s on these machines),
-and they matter more than parse speed:
+Three things decide whether it keeps up at high connection rates (``conntrack -E``
+loses ~27% of NEW events at ~9.7k conn/s on these machines: docs/DESIGN.md, "Kernel
+facts verified here"), and they matter more than parse speed:
 
 * a classic BPF socket filter (:func:`ctnetlink.nat_tcp_filter`) drops events
   that are not TCP or have no NAT bit, and UPDATEs into FIN_WAIT, CLOSE_WAIT
