@@ -22,11 +22,17 @@ from cttrace.events import (
     ResyncDone,
     SockConnect,
     TcpReset,
-    TcpState,
 )
 from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
-from cttrace.rules import RULES, Checker, Context, Settings, unknown_settings
+from cttrace.rules import (
+    FIRST_REPLY_STATES,
+    RULES,
+    Checker,
+    Context,
+    Settings,
+    unknown_settings,
+)
 
 _SEEN_REPLY = int(CtStatus.SEEN_REPLY)
 #: One int object per distinct status word and target port, kept by every entry that has
@@ -36,9 +42,6 @@ _shared = _SHARED_INTS.setdefault
 # Read for every event: an Enum member as a module global costs ~10 ns, as a class
 # attribute (CtKind.NEW) ~70 ns on Python 3.11.
 _NEW, _DESTROY = CtKind.NEW, CtKind.DESTROY
-#: States that mean the backend answered: SYN_SENT -> SYN_RECV is the SYN-ACK
-#: (tcp_conntrack's sSR transition), after which SEEN_REPLY is set as well.
-_REPLIED_STATES = frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
 __all__ = ["Correlator", "CorrelatorStats", "Entry", "Settings"]
 
 #: What an entry has been reported for, until its first finding: one object for all.
@@ -250,4 +253,4 @@ class Correlator:
 
 
 def _is_reply(ev: CtEvent) -> bool:
-    return bool(ev.status & _SEEN_REPLY) or ev.tcp_state in _REPLIED_STATES
+    return bool(ev.status & _SEEN_REPLY) or ev.tcp_state in FIRST_REPLY_STATES

@@ -16,6 +16,7 @@ import pkgutil
 
 from cttrace.events import TcpState
 from cttrace.rules._spec import (
+    FIRST_REPLY_STATES,
     IDENTITY_GRACE,
     Checker,
     Context,
@@ -26,9 +27,9 @@ from cttrace.rules._spec import (
 )
 
 __all__ = [
-    "IDENTITY_GRACE", "RULES", "UNREPLIED_TCP_STATES", "WANTED_TCP_STATES", "Checker",
-    "Context", "RuleSpec", "Setting", "Settings", "TrackedEntry", "by_id", "ids",
-    "readme_table", "settings_of", "unknown_settings",
+    "FIRST_REPLY_STATES", "IDENTITY_GRACE", "RULES", "UNREPLIED_TCP_STATES",
+    "WANTED_TCP_STATES", "Checker", "Context", "RuleSpec", "Setting", "Settings",
+    "TrackedEntry", "by_id", "ids", "readme_table", "settings_of", "unknown_settings",
 ]
 
 

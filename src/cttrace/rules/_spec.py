@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from cttrace.events import Flow, SockConnect, TcpReset
+from cttrace.events import Flow, SockConnect, TcpReset, TcpState
 from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
 
@@ -64,6 +64,12 @@ IDENTITY_GRACE = Setting(
     "EndpointSlices reach the API seconds after the kernel acts).",
 )
 """Shared by every rule that names pods: identity is not any one rule's."""
+
+
+#: States that mean the backend answered: SYN_SENT -> SYN_RECV is the SYN-ACK
+#: (tcp_conntrack's sSR transition), after which SEEN_REPLY is set as well; a
+#: simultaneous open or a picked-up connection may go straight to ESTABLISHED.
+FIRST_REPLY_STATES = frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
 
 
 class TrackedEntry(Protocol):

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import collections
 
-from cttrace.events import SockConnect, TcpState
+from cttrace.events import SockConnect
 from cttrace.findings import Finding, Severity
 from cttrace.rules._common import finding, names, sock_json, svc
-from cttrace.rules._spec import Checker, Context, Out, RuleSpec, Setting, TrackedEntry
+from cttrace.rules._spec import (
+    FIRST_REPLY_STATES,
+    Checker,
+    Context,
+    Out,
+    RuleSpec,
+    Setting,
+    TrackedEntry,
+)
 
 INHERIT_WINDOW = Setting(
     "inherit_window", 1.0,
@@ -104,7 +112,7 @@ RULE = RuleSpec(
         "`cttrace doctor` for nf_conntrack_tcp_timeout_syn_sent."
     ),
     # Only an unreplied entry can be inherited: the first reply ends the question.
-    tcp_states=frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)}),
+    tcp_states=FIRST_REPLY_STATES,
     settings=(INHERIT_WINDOW, MAX_SOCKETS),
     checker=InheritedEntry,
 )

@@ -9,10 +9,17 @@ that decision, whoever holds the target IP now. Needs no identity.
 
 from __future__ import annotations
 
-from cttrace.events import TcpState
 from cttrace.findings import Severity
 from cttrace.rules._common import finding, names, svc, who
-from cttrace.rules._spec import Checker, Context, Out, RuleSpec, Setting, TrackedEntry
+from cttrace.rules._spec import (
+    FIRST_REPLY_STATES,
+    Checker,
+    Context,
+    Out,
+    RuleSpec,
+    Setting,
+    TrackedEntry,
+)
 
 LATE_AFTER = Setting(
     "late_after", 3.0, flag="--late-after",
@@ -63,8 +70,8 @@ RULE = RuleSpec(
         "talking to, delete the entry if it is wrong ({delete}), and keep "
         "nf_conntrack_tcp_timeout_syn_sent below the CNI's IP cooldown (see `cttrace doctor`)."
     ),
-    # The first reply: SYN_SENT -> SYN_RECV (the SYN-ACK), or straight to ESTABLISHED.
-    tcp_states=frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)}),
+    # The first reply.
+    tcp_states=FIRST_REPLY_STATES,
     settings=(LATE_AFTER,),
     checker=LateEstablish,
 )

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import collections
 
-from cttrace.events import TcpReset, TcpState
+from cttrace.events import TcpReset
 from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef, ServiceRef
 from cttrace.rules._common import finding, names, owner_near, still_holds, svc, who
 from cttrace.rules._spec import (
+    FIRST_REPLY_STATES,
     IDENTITY_GRACE,
     Checker,
     Context,
@@ -160,7 +161,7 @@ RULE = RuleSpec(
         "this node to check br_netfilter and net.bridge.bridge-nf-call-iptables."
     ),
     # Any reply (SYN_RECV or ESTABLISHED) clears the suspicion.
-    tcp_states=frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)}),
+    tcp_states=FIRST_REPLY_STATES,
     settings=(LATE_AFTER, IDENTITY_GRACE),
     checker=UnnatedReply,
 )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cttrace.events import TcpState
 from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef
 from cttrace.rules._common import (
@@ -26,6 +25,7 @@ from cttrace.rules._common import (
     who,
 )
 from cttrace.rules._spec import (
+    FIRST_REPLY_STATES,
     IDENTITY_GRACE,
     Checker,
     Context,
@@ -202,8 +202,8 @@ RULE = RuleSpec(
         "({delete}); keep nf_conntrack_tcp_timeout_syn_sent below the CNI's IP cooldown "
         "(see `cttrace doctor`)."
     ),
-    # The first reply: SYN_SENT -> SYN_RECV (the SYN-ACK), or straight to ESTABLISHED.
-    tcp_states=frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)}),
+    # The first reply.
+    tcp_states=FIRST_REPLY_STATES,
     settings=(IDENTITY_GRACE,),
     checker=WrongPod,
 )
