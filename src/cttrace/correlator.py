@@ -34,6 +34,8 @@ from cttrace.rules import (
     unknown_settings,
 )
 
+__all__ = ["Correlator", "CorrelatorStats", "Entry", "Settings"]
+
 _SEEN_REPLY = int(CtStatus.SEEN_REPLY)
 #: One int object per distinct status word and target port, kept by every entry that has
 #: it: a node has a handful of each, and an int above 256 is a 32-byte object of its own.
@@ -42,7 +44,6 @@ _shared = _SHARED_INTS.setdefault
 # Read for every event: an Enum member as a module global costs ~10 ns, as a class
 # attribute (CtKind.NEW) ~70 ns on Python 3.11.
 _NEW, _DESTROY = CtKind.NEW, CtKind.DESTROY
-__all__ = ["Correlator", "CorrelatorStats", "Entry", "Settings"]
 
 #: What an entry has been reported for, until its first finding: one object for all.
 _NOTHING_REPORTED: frozenset[str] = frozenset()

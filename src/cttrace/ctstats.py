@@ -7,14 +7,9 @@ namespace (``net->ct.stat``). Columns are looked up by header name, never by
 position: the kernel has renamed and zeroed columns over the years (``searched``
 became ``clashres``, ``new``/``ignore``/``delete`` print 0 since 5.x).
 
-Why these counters matter: two connections through MASQUERADE/SNAT that are
-set up concurrently on different CPUs can both be given the same source port
-(neither is in the hash table yet when ``get_unique_tuple()`` checks); the
-second one clashes at ``__nf_conntrack_confirm()``, and when
-``nf_ct_resolve_clash()`` cannot merge it the packet is dropped and
-``insert_failed`` and ``drop`` grow (``clashres`` counts the clashes that were
-resolved). ``drop`` alone also grows when the table is full and no entry can be
-allocated (``nf_conntrack_in()``), with ``early_drop`` counting the evictions.
+Why these counters matter is the rule's business (:mod:`cttrace.rules.snat_collision`,
+which turns samples into findings); ``clashres`` counts the clashes that were
+resolved, ``early_drop`` the evictions of a full table.
 """
 
 from __future__ import annotations
