@@ -111,7 +111,7 @@ def snat_check(netns: str | None, source: Source | None = None, *,
             stats = read_conntrack_stats(netns)
         except (OSError, UserError) as err:
             if not failed:  # say it once, keep running
-                warn(f"snat-collision: cannot read conntrack statistics: {err}")
+                warn(f"{snat_collision.RULE.id}: cannot read conntrack statistics: {err}")
                 failed = True
             return out
         finding = sampler.sample(stats, now)

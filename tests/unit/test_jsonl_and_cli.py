@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 from cttrace.events import CtEvent, CtKind, CtStatus, Flow, TcpState
 from cttrace.filters import Filter
@@ -92,3 +93,32 @@ def test_unknown_rule_is_one_line_not_a_traceback() -> None:
         "cttrace: error: unknown rule 'wrong-pods': choose from dead-endpoint, inherited-entry, "
         "late-establish, snat-collision, unnated-reply, wrong-pod"
     ]
+
+
+def test_rule_settings_flags_reach_the_correlator_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from typer.testing import CliRunner
+
+    import cttrace.watch
+    from cttrace.cli import app
+    from cttrace.correlator import Settings
+    from cttrace.rules import IDENTITY_GRACE
+    from cttrace.rules.dead_endpoint import DEAD_AFTER
+    from cttrace.rules.late_establish import LATE_AFTER
+
+    seen: list[cttrace.watch.WatchOptions] = []
+
+    def fake_run_watch(opts: cttrace.watch.WatchOptions, stop: threading.Event) -> None:
+        seen.append(opts)
+
+    monkeypatch.setattr(cttrace.watch, "run_watch", fake_run_watch)
+    res = CliRunner().invoke(app, ["watch", "--late-after", "2.5", "--dead-after", "7",
+                                   "--source", "netlink", "-o", "json"])
+    assert res.exit_code == 0, res.output
+    settings = Settings.of(seen[0].rule_settings)
+    assert (settings[LATE_AFTER], settings[DEAD_AFTER]) == (2.5, 7.0)
+    assert settings[IDENTITY_GRACE] == IDENTITY_GRACE.default == 5.0
+    assert seen[0].source == "netlink"
