@@ -6,9 +6,10 @@ questions. The runtime calls :meth:`Correlator.feed` for each event and
 :meth:`Correlator.tick` a few times a second; both return the findings decided
 at that moment.
 
-State is bounded: one :class:`Entry` per live NATed TCP conntrack entry (the
-oldest is evicted past ``max_entries``), one record per recent ``connect()``
-tuple, and the decisions still waiting for identity.
+State is bounded: one :class:`Entry` per live NATed TCP conntrack entry (an
+:class:`~cttrace.entry_table.EntryTable`: past ``max_entries`` it evicts entries
+no rule needs any more before unreplied ones), one record per recent
+``connect()`` tuple, and the decisions still waiting for identity.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import collections
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cttrace.entry_table import EntryTable
 from cttrace.events import (
     CtEvent,
     CtKind,
@@ -67,7 +69,8 @@ class Settings:
     """A ``connect()`` more than this long after its tuple's entry was created did not create it."""
 
     max_entries: int = 262_144
-    """Bound on tracked entries; the oldest is evicted (counted) beyond it."""
+    """Bound on tracked entries; beyond it the oldest that no rule needs is evicted (counted
+    by reason); an unreplied entry goes only when nothing else is left."""
 
     max_sockets: int = 65_536
     """Bound on remembered ``connect()`` tuples."""
@@ -93,7 +96,7 @@ class Entry:
     """
 
     entry_id: int
-    orig_tuple: tuple[str, int, str, int]  # == orig; also the key of Correlator._by_orig
+    orig_tuple: tuple[str, int, str, int]  # == orig; the key of Correlator.entries
     target_ip: str
     target_port: int
     created: float | None  # None: seen first in a dump, creation not observed
@@ -145,8 +148,8 @@ class Correlator:
     def __init__(self, settings: Settings | None = None, identity: IdentityView | None = None):
         self.settings = settings or Settings()
         self.identity = identity
-        self.entries: dict[int, Entry] = {}
-        self._by_orig: dict[tuple[str, int, str, int], Entry] = {}  # Flow or orig_tuple keys
+        # Keyed by original tuple (Flow or orig_tuple), the conntrack id checked against it.
+        self.entries: EntryTable[Entry] = EntryTable(self.settings.max_entries, _FINISHED_STATES)
         # (client ip, client port) -> entry: an RST names the client side and the pod, not the
         # VIP. Built at the first TcpReset (only the bpf source sends them), then kept up:
         # ~100 B per entry that a netlink-only correlator never pays.
@@ -158,7 +161,7 @@ class Correlator:
         # Unreplied entries in creation order, for the unnated-reply age check.
         self._unreplied: collections.deque[Entry] = collections.deque()
         # Entries whose chosen pod may be gone, re-evaluated on tick.
-        self._dead_watch: dict[int, Entry] = {}
+        self._dead_watch: dict[tuple[str, int, str, int], Entry] = {}  # by orig_tuple
         self._identity_gen = -1
         self.stats = CorrelatorStats()
         #: Called with each first reply's unreplied seconds (the agent's histogram).
@@ -209,9 +212,11 @@ class Correlator:
     # -- conntrack ---------------------------------------------------------
 
     def _on_ct(self, ev: CtEvent, now: float, out: list[Finding]) -> None:
-        entry = self.entries.get(ev.entry_id)
-        if entry is not None and entry.orig_tuple != ev.orig:
-            # The id was reused for another tuple (the old entry's destroy was lost).
+        entry = self.entries.get(ev.orig)
+        if entry is not None and entry.entry_id != ev.entry_id:
+            if ev.kind is _DESTROY:
+                return  # another entry's destroy: the one tracked at this tuple lives on
+            # A new entry at this tuple (the old entry's destroy was lost).
             self._forget(entry)
             entry = None
         if ev.kind is _DESTROY:
@@ -251,30 +256,22 @@ class Correlator:
         if _is_reply(ev):
             # Seen answered already (a dump): without a creation time no first-reply rule applies.
             entry.replied = ev.ts
-        old = self._by_orig.get(ev.orig)
-        if old is not None:
-            self._forget(old)
-        self.entries[ev.entry_id] = entry
-        self._by_orig[entry.orig_tuple] = entry
         if self._by_client is not None:
             self._by_client[_client_key(entry)] = entry
-        if len(self.entries) > self.settings.max_entries:
-            oldest = next(iter(self.entries.values()))
-            self._forget(oldest)
+        evicted = self.entries.add(entry)
+        if evicted is not None:
+            self._forget(evicted)
             self.stats.evicted += 1
         return entry
 
     def _forget(self, entry: Entry) -> None:
-        if self.entries.get(entry.entry_id) is entry:
-            del self.entries[entry.entry_id]
-        if self._by_orig.get(entry.orig_tuple) is entry:
-            del self._by_orig[entry.orig_tuple]
+        self.entries.remove(entry)
         by_client = self._by_client
         if by_client is not None:
             client_key = _client_key(entry)
             if by_client.get(client_key) is entry:
                 del by_client[client_key]
-        self._dead_watch.pop(entry.entry_id, None)
+        self._dead_watch.pop(entry.orig_tuple, None)
 
     def _on_created(self, entry: Entry, now: float) -> None:
         sock = self._sockets.get(entry.orig_tuple)
@@ -438,18 +435,18 @@ class Correlator:
     def _maybe_watch_dead(self, entry: Entry, now: float) -> None:
         if entry.created is None or Rule.DEAD_ENDPOINT in entry.reported:
             return
-        self._dead_watch[entry.entry_id] = entry
+        self._dead_watch[entry.orig_tuple] = entry
 
     def _rescan_dead(self, now: float) -> None:
         """Identity changed: any live entry may now point at a pod that is gone."""
         for entry in self.entries.values():
             if Rule.DEAD_ENDPOINT not in entry.reported:
-                self._dead_watch[entry.entry_id] = entry
+                self._dead_watch[entry.orig_tuple] = entry
 
     def _check_dead(self, now: float, out: list[Finding]) -> None:
         identity = self.identity
         assert identity is not None
-        done: list[int] = []
+        done: list[tuple[str, int, str, int]] = []
         for entry_id, entry in self._dead_watch.items():
             if entry.state in _FINISHED_STATES:
                 done.append(entry_id)
@@ -524,7 +521,7 @@ class Correlator:
             if now - entry.created < horizon:
                 break
             self._unreplied.popleft()
-            if entry.replied is not None or self.entries.get(entry.entry_id) is not entry:
+            if entry.replied is not None or self.entries.get(entry.orig_tuple) is not entry:
                 continue
             if Rule.UNNATED_REPLY in entry.reported:
                 continue
@@ -595,7 +592,7 @@ class Correlator:
         sockets.move_to_end(ev.flow)
         if len(sockets) > self.settings.max_sockets:
             sockets.popitem(last=False)
-        entry = self._by_orig.get(ev.flow)
+        entry = self.entries.get(ev.flow)
         if entry is None or entry.replied is not None or entry.created is None:
             return
         creator = entry.creator
