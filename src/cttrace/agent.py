@@ -68,6 +68,7 @@ class MetricsSink:
         self._pollers = list(pollers)
         self._lost = 0
         self._restarts = 0
+        self._evicted: dict[str, int] = {}
 
     def finding(self, finding: Finding) -> None:
         self.metrics.finding(finding)
@@ -80,6 +81,10 @@ class MetricsSink:
     def status(self, status: Status) -> None:
         self.metrics.set_tracked(status.tracked)
         self.metrics.identity_sync(status.identity != "syncing")
+        for reason, n in status.evicted.items():
+            if n > self._evicted.get(reason, 0):
+                self.metrics.evicted(reason, n - self._evicted.get(reason, 0))
+                self._evicted[reason] = n
         if status.lost > self._lost:
             self.metrics.lost(status.source, status.lost - self._lost)
             self._lost = status.lost
@@ -134,9 +139,11 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
         source, note = open_source(opts.source, opts.netns)
         metrics.add_source(source.name, source.stats)
         from cttrace.ctstats import read_conntrack_stats
+        from cttrace.metrics import read_conntrack_fill
 
-        netns = opts.netns
-        metrics.add_conntrack(lambda: read_conntrack_stats(netns))
+        netns = opts.netns  # every conntrack series is the traced namespace's
+        metrics.add_conntrack(lambda: read_conntrack_stats(netns),
+                              lambda: read_conntrack_fill(netns))
         sinks: list[Sink] = [log, MetricsSink(metrics, pollers)]
         if alerts is not None:
             metrics.add_alertmanager(alerts.stats)
@@ -156,7 +163,8 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
         remediator = build_remediator(opts.remediate, correlator, opts.netns, record)
         if remediator is not None:
             periodic.append(remediator)
-        pipeline = Pipeline(source, correlator, sinks, pollers, periodic=periodic)
+        pipeline = Pipeline(source, correlator, sinks, pollers, periodic=periodic,
+                            on_warning=log.note)
         summary = pipeline.run(stop, ready_file=opts.ready_file)
         log.note({"kind": "summary", "ts": rfc3339(time.time()), "events": summary.events,
                   "lost": summary.lost, "findings": dict(summary.findings),

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cttrace import flag_checks
 from cttrace.errors import UserError
 
 app = typer.Typer(
@@ -115,6 +116,19 @@ DeadAfterOpt = Annotated[
     typer.Option("--dead-after", help="Seconds an entry may outlive its pod before "
                  "dead-endpoint fires.", min=0.0),
 ]
+MaxEntriesOpt = Annotated[
+    int | None,
+    typer.Option("--max-entries", help="Most NATed conntrack entries followed at once. When "
+                 "full, entries no rule needs any more (answered, finished) go first; an "
+                 "unreplied one only when nothing else is left, counted and warned about. "
+                 "Default: the traced namespace's nf_conntrack_max, at least 262144.", min=1),
+]
+ReadyFileOpt = Annotated[
+    Path | None,
+    typer.Option("--ready-file", callback=flag_checks.ready_file,
+                 help="Write this file once the source is attached and identity is in sync "
+                 "(for scripts: traffic sent after it is named). Its directory must exist."),
+]
 
 
 class RemediateMode(enum.StrEnum):
@@ -161,7 +175,8 @@ def watch(
     service: Annotated[list[str] | None, typer.Option(
         "--service", help="Only this Service, as name or namespace/name (repeatable).")] = None,
     ip: Annotated[list[str] | None, typer.Option(
-        "--ip", help="Only flows/findings with this client, VIP or backend IP (repeatable).")
+        "--ip", callback=flag_checks.ip_addresses,
+        help="Only flows/findings with this client, VIP or backend IP (repeatable).")
     ] = None,
     rule: Annotated[list[str] | None, typer.Option(
         "--rule", help="Only findings of this rule: wrong-pod, late-establish, dead-endpoint, "
@@ -169,16 +184,14 @@ def watch(
     late_after: LateAfterOpt = 3.0,
     identity_grace: GraceOpt = 5.0,
     dead_after: DeadAfterOpt = 5.0,
+    max_entries: MaxEntriesOpt = None,
     remediate: RemediateOpt = RemediateMode.off,
     flows: Annotated[bool, typer.Option(
         "--flows", help="With json output, also print one line per conntrack event.")] = False,
     duration: Annotated[float | None, typer.Option(
-        "--duration", help="Stop after this many seconds (default: until Ctrl-C).")] = None,
-    ready_file: Annotated[Path | None, typer.Option(
-        "--ready-file",
-        help="Write this file once the source is attached and identity is in sync (for "
-        "scripts: traffic sent after it is named).")
-    ] = None,
+        "--duration", callback=flag_checks.duration,
+        help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    ready_file: ReadyFileOpt = None,
     dump_bpf: Annotated[bool, typer.Option(
         "--dump-bpf", help="Print the complete BPF program text the bpf source would compile "
         "on this kernel (settings as #defines first) and exit; compiles and attaches nothing.")
@@ -204,6 +217,7 @@ def watch(
         ips=ip or [], rules=rule or [], late_after=late_after,
         identity_grace=identity_grace, dead_after=dead_after, flows=flows,
         duration=duration, ready_file=ready_file, remediate=str(remediate),
+        max_entries=max_entries,
     )
     stop = threading.Event()
     try:
@@ -256,12 +270,15 @@ def agent(
     no_kube: Annotated[bool, typer.Option(
         "--no-kube", help="Do not use the Kubernetes API even when running in a pod.")] = False,
     listen: Annotated[str, typer.Option(
-        "--listen", help="HOST:PORT for /metrics, /healthz and /readyz.")] = "0.0.0.0:19808",
+        "--listen", callback=flag_checks.listen_address,
+        help="HOST:PORT for /metrics, /healthz and /readyz.")] = "0.0.0.0:19808",
     alertmanager_url: Annotated[list[str] | None, typer.Option(
-        "--alertmanager-url", help="Send alerts to this Alertmanager (repeat for every member "
+        "--alertmanager-url", callback=flag_checks.alertmanager_urls,
+        help="Send alerts to this Alertmanager (repeat for every member "
         "of an HA cluster: each gets every alert).")] = None,
     node: Annotated[str | None, typer.Option(
-        "--node", help="Node name in alerts and logs (default: $NODE_NAME, else the host name).")
+        "--node", callback=flag_checks.node_name,
+        help="Node name in alerts and logs (default: $NODE_NAME, else the host name).")
     ] = None,
     generator_url: Annotated[str | None, typer.Option(
         "--generator-url", help="Link in each alert (default: http://NODE:PORT/).")] = None,
@@ -284,13 +301,12 @@ def agent(
     late_after: LateAfterOpt = 3.0,
     identity_grace: GraceOpt = 5.0,
     dead_after: DeadAfterOpt = 5.0,
+    max_entries: MaxEntriesOpt = None,
     remediate: RemediateOpt = RemediateMode.off,
     shutdown_deadline: Annotated[float, typer.Option(
         "--shutdown-deadline", help="Seconds SIGTERM may take to flush alerts before exit.",
         min=0.0)] = 10.0,
-    ready_file: Annotated[Path | None, typer.Option(
-        "--ready-file",
-        help="Write this file once the source is attached and identity is in sync.")] = None,
+    ready_file: ReadyFileOpt = None,
 ) -> None:
     """Run as the node agent: JSON logs, /metrics, /healthz, /readyz and Alertmanager alerts."""
     import os
@@ -320,7 +336,7 @@ def agent(
             bearer_token=token, ca_file=str(alertmanager_ca) if alertmanager_ca else None,
             late_after=late_after, identity_grace=identity_grace, dead_after=dead_after,
             shutdown_deadline=shutdown_deadline, ready_file=ready_file,
-            remediate=str(remediate),
+            remediate=str(remediate), max_entries=max_entries,
         )
         stop = threading.Event()
         with _stop_on_signals(stop):

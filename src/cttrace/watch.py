@@ -78,8 +78,11 @@ def run_watch(
                                       lambda r: log(r.to_json()))
         if remediator is not None:
             periodic.append(remediator)
+        warning: Callable[[dict[str, object]], None] = (
+            json_sink.note if json_sink is not None else lambda obj: say(str(obj["msg"])))
         pipeline = Pipeline(source, correlator, sinks, pollers, on_finding=on_finding,
-                            status_s=0.5 if table else 1.0, periodic=periodic)
+                            status_s=0.5 if table else 1.0, periodic=periodic,
+                            on_warning=warning)
         summary = pipeline.run(
             stop, ready_file=opts.ready_file, duration=opts.duration,
             on_ready=(lambda: on_ready(say)) if on_ready is not None else None,
