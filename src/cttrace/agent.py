@@ -28,6 +28,7 @@ from cttrace.assemble import (
 from cttrace.events import Event
 from cttrace.findings import Finding, rfc3339
 from cttrace.http_server import AgentHTTPServer
+from cttrace.json_log import logging_to
 from cttrace.metrics import Metrics
 from cttrace.remediate import Remediation
 from cttrace.runtime import Pipeline, Sink, Status
@@ -102,12 +103,17 @@ class MetricsSink:
 
 
 def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
+    log = JsonLinesSink(sys.stdout.buffer, status_every=60.0)
+    with logging_to(log.note):
+        _run_agent(opts, stop, log)
+
+
+def _run_agent(opts: AgentOptions, stop: threading.Event, log: JsonLinesSink) -> None:
     node = opts.node or default_node()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     correlator, pollers = build_tracing(opts)
     correlator.on_first_reply = metrics.first_reply
-    log = JsonLinesSink(sys.stdout.buffer, status_every=60.0)
     alerts = None
     attached = threading.Event()
 

@@ -289,8 +289,10 @@ def agent(
         "--alert-hold", help="Seconds a one-shot finding's alert stays active before it is "
         "resolved.", min=0.0)] = 300.0,
     alert_queue: Annotated[int, typer.Option(
-        "--alert-queue", help="Alerts held while Alertmanager is unreachable; beyond this "
-        "new ones are dropped (counted in cttrace_alertmanager_dropped_total).", min=1)] = 10_000,
+        "--alert-queue", help="Alerts not yet accepted by every Alertmanager that are held "
+        "for delivery (delivered ones kept for re-sending do not count). When full, the least "
+        "severe is dropped first, logged and counted in "
+        "cttrace_alertmanager_dropped_alerts_total.", min=1)] = 10_000,
     alertmanager_user: Annotated[str | None, typer.Option(
         "--alertmanager-user", help="Basic auth user (password from "
         "$CTTRACE_ALERTMANAGER_PASSWORD).")] = None,
