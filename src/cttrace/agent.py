@@ -25,6 +25,7 @@ from cttrace.assemble import (
     snat_check,
     warn,
 )
+from cttrace.blind_spots import TracedNamespace, blind_spot_checks
 from cttrace.events import Event
 from cttrace.findings import Finding, rfc3339
 from cttrace.http_server import AgentHTTPServer
@@ -116,13 +117,18 @@ def _run_agent(opts: AgentOptions, stop: threading.Event, log: JsonLinesSink) ->
     correlator.on_first_reply = metrics.first_reply
     alerts = None
     attached = threading.Event()
+    traced: TracedNamespace | None = None
 
     def healthy() -> tuple[bool, str]:
-        return (True, "source attached") if attached.is_set() else (False, "source not attached")
-
-    def ready() -> tuple[bool, str]:
         if not attached.is_set():
             return False, "source not attached"
+        gone = traced.gone() if traced is not None else None
+        return (False, f"source gone: {gone}") if gone else (True, "source attached")
+
+    def ready() -> tuple[bool, str]:
+        alive, why = healthy()
+        if not alive:
+            return False, why
         if pollers and not all(p.in_sync for p in pollers):
             return False, "identity not in sync yet"
         return True, "ready"
@@ -143,6 +149,7 @@ def _run_agent(opts: AgentOptions, stop: threading.Event, log: JsonLinesSink) ->
                 bearer_token=opts.bearer_token, ca_file=opts.ca_file,
             )
         source, note = open_source(opts.source, opts.netns)
+        traced = TracedNamespace(opts.netns)
         metrics.add_source(source.name, source.stats)
         from cttrace.ctstats import read_conntrack_stats
         from cttrace.metrics import read_conntrack_fill
@@ -160,7 +167,7 @@ def _run_agent(opts: AgentOptions, stop: threading.Event, log: JsonLinesSink) ->
                   "source": source.name, "fallback": note, "netns": opts.netns,
                   "listen": "{}:{}".format(*http.address),
                   "alertmanagers": opts.alertmanager_urls})
-        periodic = [snat_check(opts.netns, source)]
+        periodic = [snat_check(opts.netns, source), *blind_spot_checks(traced, log.note)]
 
         def record(r: Remediation) -> None:
             metrics.remediation(r.action)
