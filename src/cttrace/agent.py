@@ -25,9 +25,11 @@ from cttrace.assemble import (
     snat_check,
     warn,
 )
+from cttrace.blind_spots import TracedNamespace, blind_spot_checks
 from cttrace.events import Event
 from cttrace.findings import Finding, rfc3339
 from cttrace.http_server import AgentHTTPServer
+from cttrace.json_log import logging_to
 from cttrace.metrics import Metrics
 from cttrace.remediate import Remediation
 from cttrace.runtime import Pipeline, Sink, Status
@@ -68,6 +70,7 @@ class MetricsSink:
         self._pollers = list(pollers)
         self._lost = 0
         self._restarts = 0
+        self._evicted: dict[str, int] = {}
 
     def finding(self, finding: Finding) -> None:
         self.metrics.finding(finding)
@@ -80,6 +83,10 @@ class MetricsSink:
     def status(self, status: Status) -> None:
         self.metrics.set_tracked(status.tracked)
         self.metrics.identity_sync(status.identity != "syncing")
+        for reason, n in status.evicted.items():
+            if n > self._evicted.get(reason, 0):
+                self.metrics.evicted(reason, n - self._evicted.get(reason, 0))
+                self._evicted[reason] = n
         if status.lost > self._lost:
             self.metrics.lost(status.source, status.lost - self._lost)
             self._lost = status.lost
@@ -97,21 +104,31 @@ class MetricsSink:
 
 
 def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
+    log = JsonLinesSink(sys.stdout.buffer, status_every=60.0)
+    with logging_to(log.note):
+        _run_agent(opts, stop, log)
+
+
+def _run_agent(opts: AgentOptions, stop: threading.Event, log: JsonLinesSink) -> None:
     node = opts.node or default_node()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     correlator, pollers = build_tracing(opts)
     correlator.on_first_reply = metrics.first_reply
-    log = JsonLinesSink(sys.stdout.buffer, status_every=60.0)
     alerts = None
     attached = threading.Event()
+    traced: TracedNamespace | None = None
 
     def healthy() -> tuple[bool, str]:
-        return (True, "source attached") if attached.is_set() else (False, "source not attached")
-
-    def ready() -> tuple[bool, str]:
         if not attached.is_set():
             return False, "source not attached"
+        gone = traced.gone() if traced is not None else None
+        return (False, f"source gone: {gone}") if gone else (True, "source attached")
+
+    def ready() -> tuple[bool, str]:
+        alive, why = healthy()
+        if not alive:
+            return False, why
         if pollers and not all(p.in_sync for p in pollers):
             return False, "identity not in sync yet"
         return True, "ready"
@@ -132,11 +149,14 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
                 bearer_token=opts.bearer_token, ca_file=opts.ca_file,
             )
         source, note = open_source(opts.source, opts.netns)
+        traced = TracedNamespace(opts.netns)
         metrics.add_source(source.name, source.stats)
         from cttrace.ctstats import read_conntrack_stats
+        from cttrace.metrics import read_conntrack_fill
 
-        netns = opts.netns
-        metrics.add_conntrack(lambda: read_conntrack_stats(netns))
+        netns = opts.netns  # every conntrack series is the traced namespace's
+        metrics.add_conntrack(lambda: read_conntrack_stats(netns),
+                              lambda: read_conntrack_fill(netns))
         sinks: list[Sink] = [log, MetricsSink(metrics, pollers)]
         if alerts is not None:
             metrics.add_alertmanager(alerts.stats)
@@ -147,7 +167,7 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
                   "source": source.name, "fallback": note, "netns": opts.netns,
                   "listen": "{}:{}".format(*http.address),
                   "alertmanagers": opts.alertmanager_urls})
-        periodic = [snat_check(opts.netns, source)]
+        periodic = [snat_check(opts.netns, source), *blind_spot_checks(traced, log.note)]
 
         def record(r: Remediation) -> None:
             metrics.remediation(r.action)
@@ -156,7 +176,8 @@ def run_agent(opts: AgentOptions, stop: threading.Event) -> None:
         remediator = build_remediator(opts.remediate, correlator, opts.netns, record)
         if remediator is not None:
             periodic.append(remediator)
-        pipeline = Pipeline(source, correlator, sinks, pollers, periodic=periodic)
+        pipeline = Pipeline(source, correlator, sinks, pollers, periodic=periodic,
+                            on_warning=log.note)
         summary = pipeline.run(stop, ready_file=opts.ready_file)
         log.note({"kind": "summary", "ts": rfc3339(time.time()), "events": summary.events,
                   "lost": summary.lost, "findings": dict(summary.findings),

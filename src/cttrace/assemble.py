@@ -43,13 +43,29 @@ class TraceOptions:
     """Values of the rules' settings by name (``late_after``); defaults for the rest."""
     ready_file: Path | None = None
     remediate: str = Mode.OFF
+    max_entries: int | None = None  # None: sized from the traced namespace's nf_conntrack_max
 
 
 def build_tracing(opts: TraceOptions) -> tuple[Correlator, list[IdentityPoller]]:
     """The correlator, its identity index (``correlator.identity``) and what feeds it."""
     index, pollers = build_identity(opts.identity_file, kubeconfig=opts.kubeconfig,
                                     kube=opts.kube)
-    return Correlator(Settings.of(opts.rule_settings), identity=index), pollers
+    settings = Settings.of(opts.rule_settings,
+                           max_entries=opts.max_entries or default_max_entries(opts.netns))
+    return Correlator(settings, identity=index), pollers
+
+
+def default_max_entries(netns: str | None) -> int:
+    """The correlator's entry bound: the namespace's nf_conntrack_max (the most entries its
+    conntrack table holds: nf_conntrack_alloc() checks each namespace's count against it),
+    never below the built-in 262144. The built-in when it cannot be read."""
+    from cttrace.metrics import read_conntrack_fill
+
+    floor = Settings().max_entries
+    try:
+        return max(floor, read_conntrack_fill(netns)["max"])
+    except (OSError, ValueError, UserError):
+        return floor
 
 
 def build_identity(

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cttrace import flag_checks
 from cttrace.errors import UserError
 from cttrace.remediate import Mode as RemediateMode
 from cttrace.rules import RULES, settings_of
@@ -99,6 +100,19 @@ IdentityFileOpt = Annotated[
                  "lines: {\"type\": ADDED|MODIFIED|DELETED, \"object\": Pod|Service|"
                  "EndpointSlice}) to name pods and Services; the lab writes one."),
 ]
+MaxEntriesOpt = Annotated[
+    int | None,
+    typer.Option("--max-entries", help="Most NATed conntrack entries followed at once. When "
+                 "full, entries no rule needs any more (answered, finished) go first; an "
+                 "unreplied one only when nothing else is left, counted and warned about. "
+                 "Default: the traced namespace's nf_conntrack_max, at least 262144.", min=1),
+]
+ReadyFileOpt = Annotated[
+    Path | None,
+    typer.Option("--ready-file", callback=flag_checks.ready_file,
+                 help="Write this file once the source is attached and identity is in sync "
+                 "(for scripts: traffic sent after it is named). Its directory must exist."),
+]
 
 
 def _with_rule_settings(command: Callable[..., None]) -> Callable[..., None]:
@@ -169,19 +183,18 @@ def watch(
     service: Annotated[list[str] | None, typer.Option(
         "--service", help="Only this Service, as name or namespace/name (repeatable).")] = None,
     ip: Annotated[list[str] | None, typer.Option(
-        "--ip", help="Only flows/findings with this client, VIP or backend IP (repeatable).")
+        "--ip", callback=flag_checks.ip_addresses,
+        help="Only flows/findings with this client, VIP or backend IP (repeatable).")
     ] = None,
     rule: Annotated[list[str] | None, typer.Option("--rule", help=_rule_help())] = None,
+    max_entries: MaxEntriesOpt = None,
     remediate: RemediateOpt = RemediateMode.OFF,
     flows: Annotated[bool, typer.Option(
         "--flows", help="With json output, also print one line per conntrack event.")] = False,
     duration: Annotated[float | None, typer.Option(
-        "--duration", help="Stop after this many seconds (default: until Ctrl-C).")] = None,
-    ready_file: Annotated[Path | None, typer.Option(
-        "--ready-file",
-        help="Write this file once the source is attached and identity is in sync (for "
-        "scripts: traffic sent after it is named).")
-    ] = None,
+        "--duration", callback=flag_checks.duration,
+        help="Stop after this many seconds (default: until Ctrl-C).")] = None,
+    ready_file: ReadyFileOpt = None,
     dump_bpf: Annotated[bool, typer.Option(
         "--dump-bpf", help="Print the complete BPF program text the bpf source would compile "
         "on this kernel (settings as #defines first) and exit; compiles and attaches nothing.")
@@ -207,6 +220,7 @@ def watch(
         namespaces=namespace or [], services=service or [],
         ips=ip or [], rules=rule or [], rule_settings=rule_settings or {}, flows=flows,
         duration=duration, ready_file=ready_file, remediate=str(remediate),
+        max_entries=max_entries,
     )
     stop = threading.Event()
     try:
@@ -259,12 +273,15 @@ def agent(
     no_kube: Annotated[bool, typer.Option(
         "--no-kube", help="Do not use the Kubernetes API even when running in a pod.")] = False,
     listen: Annotated[str, typer.Option(
-        "--listen", help="HOST:PORT for /metrics, /healthz and /readyz.")] = "0.0.0.0:19808",
+        "--listen", callback=flag_checks.listen_address,
+        help="HOST:PORT for /metrics, /healthz and /readyz.")] = "0.0.0.0:19808",
     alertmanager_url: Annotated[list[str] | None, typer.Option(
-        "--alertmanager-url", help="Send alerts to this Alertmanager (repeat for every member "
+        "--alertmanager-url", callback=flag_checks.alertmanager_urls,
+        help="Send alerts to this Alertmanager (repeat for every member "
         "of an HA cluster: each gets every alert).")] = None,
     node: Annotated[str | None, typer.Option(
-        "--node", help="Node name in alerts and logs (default: $NODE_NAME, else the host name).")
+        "--node", callback=flag_checks.node_name,
+        help="Node name in alerts and logs (default: $NODE_NAME, else the host name).")
     ] = None,
     generator_url: Annotated[str | None, typer.Option(
         "--generator-url", help="Link in each alert (default: http://NODE:PORT/).")] = None,
@@ -275,8 +292,10 @@ def agent(
         "--alert-hold", help="Seconds a one-shot finding's alert stays active before it is "
         "resolved.", min=0.0)] = 300.0,
     alert_queue: Annotated[int, typer.Option(
-        "--alert-queue", help="Alerts held while Alertmanager is unreachable; beyond this "
-        "new ones are dropped (counted in cttrace_alertmanager_dropped_total).", min=1)] = 10_000,
+        "--alert-queue", help="Alerts not yet accepted by every Alertmanager that are held "
+        "for delivery (delivered ones kept for re-sending do not count). When full, the least "
+        "severe is dropped first, logged and counted in "
+        "cttrace_alertmanager_dropped_alerts_total.", min=1)] = 10_000,
     alertmanager_user: Annotated[str | None, typer.Option(
         "--alertmanager-user", help="Basic auth user (password from "
         "$CTTRACE_ALERTMANAGER_PASSWORD).")] = None,
@@ -284,13 +303,12 @@ def agent(
         "--alertmanager-token-file", help="Bearer token file for Alertmanager.")] = None,
     alertmanager_ca: Annotated[Path | None, typer.Option(
         "--alertmanager-ca", help="CA bundle to verify Alertmanager's TLS certificate.")] = None,
+    max_entries: MaxEntriesOpt = None,
     remediate: RemediateOpt = RemediateMode.OFF,
     shutdown_deadline: Annotated[float, typer.Option(
         "--shutdown-deadline", help="Seconds SIGTERM may take to flush alerts before exit.",
         min=0.0)] = 10.0,
-    ready_file: Annotated[Path | None, typer.Option(
-        "--ready-file",
-        help="Write this file once the source is attached and identity is in sync.")] = None,
+    ready_file: ReadyFileOpt = None,
     rule_settings: dict[str, float] | None = None,
 ) -> None:
     """Run as the node agent: JSON logs, /metrics, /healthz, /readyz and Alertmanager alerts."""
@@ -320,7 +338,7 @@ def agent(
             alert_hold=alert_hold, alert_queue=alert_queue, basic_auth=basic_auth,
             bearer_token=token, ca_file=str(alertmanager_ca) if alertmanager_ca else None,
             rule_settings=rule_settings or {}, shutdown_deadline=shutdown_deadline,
-            ready_file=ready_file, remediate=str(remediate),
+            ready_file=ready_file, remediate=str(remediate), max_entries=max_entries,
         )
         stop = threading.Event()
         with _stop_on_signals(stop):

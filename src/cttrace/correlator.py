@@ -1,7 +1,8 @@
 """The correlator: events and a clock in, findings out. Pure: no kernel, no network.
 
-It keeps the table of live NATed TCP conntrack entries (one :class:`Entry` each,
-the oldest evicted past ``max_entries``) and hands each event kind to the rules of
+It keeps the table of live NATed TCP conntrack entries (one :class:`Entry` each, in
+an :class:`~cttrace.entry_table.EntryTable`: past ``max_entries`` it evicts entries no
+rule needs any more before unreplied ones) and hands each event kind to the rules of
 :mod:`cttrace.rules` that asked for it; each rule keeps its own state. The runtime
 calls :meth:`Correlator.feed` for each event and :meth:`Correlator.tick` a few
 times a second; both return the findings decided at that moment.
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cttrace.entry_table import EntryTable
 from cttrace.events import (
     CtEvent,
     CtKind,
@@ -26,6 +28,7 @@ from cttrace.events import (
 from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
 from cttrace.rules import (
+    FINISHED_STATES,
     FIRST_REPLY_STATES,
     RULES,
     Checker,
@@ -65,7 +68,7 @@ class Entry:
     """
 
     entry_id: int
-    orig_tuple: tuple[str, int, str, int]  # == orig; also the key of Correlator._by_orig
+    orig_tuple: tuple[str, int, str, int]  # == orig; the key of Correlator.entries
     target_ip: str
     target_port: int
     created: float | None  # None: seen first in a dump, creation not observed
@@ -111,15 +114,16 @@ class Correlator:
         if unknown:
             raise ValueError(f"no rule has a setting named {', '.join(unknown)}")
         self.identity = identity
-        self.entries: dict[int, Entry] = {}
-        self._by_orig: dict[tuple[str, int, str, int], Entry] = {}  # Flow or orig_tuple keys
+        # Keyed by original tuple (Flow or orig_tuple), the conntrack id checked against it.
+        self.entries: EntryTable[Entry] = EntryTable(self.settings.max_entries,
+                                                     FINISHED_STATES)
         # Rules that keep an index of their own over the table (see Context.follow_entries).
         self._followers: tuple[Checker, ...] = ()
         context = Context(
             settings=self.settings,
             identity=identity,
             entries=self.entries,
-            entry_for_tuple=self._by_orig.get,
+            entry_for_tuple=self.entries.get,
             follow_entries=self._follow,
         )
         checkers = [spec.checker(context) for spec in RULES if spec.checker is not None]
@@ -176,9 +180,11 @@ class Correlator:
     # -- conntrack ---------------------------------------------------------
 
     def _on_ct(self, ev: CtEvent, now: float, out: list[Finding]) -> None:
-        entry = self.entries.get(ev.entry_id)
-        if entry is not None and entry.orig_tuple != ev.orig:
-            # The id was reused for another tuple (the old entry's destroy was lost).
+        entry = self.entries.get(ev.orig)
+        if entry is not None and entry.entry_id != ev.entry_id:
+            if ev.kind is _DESTROY:
+                return  # another entry's destroy: the one tracked at this tuple lives on
+            # A new entry at this tuple (the old entry's destroy was lost).
             self._forget(entry)
             entry = None
         if ev.kind is _DESTROY:
@@ -219,24 +225,16 @@ class Correlator:
         if _is_reply(ev):
             # Seen answered already (a dump): without a creation time no first-reply rule applies.
             entry.replied = ev.ts
-        old = self._by_orig.get(ev.orig)
-        if old is not None:
-            self._forget(old)
-        self.entries[ev.entry_id] = entry
-        self._by_orig[entry.orig_tuple] = entry
+        evicted = self.entries.add(entry)
         for follower in self._followers:
             follower.tracked(entry)
-        if len(self.entries) > self.settings.max_entries:
-            oldest = next(iter(self.entries.values()))
-            self._forget(oldest)
+        if evicted is not None:
+            self._forget(evicted)
             self.stats.evicted += 1
         return entry
 
     def _forget(self, entry: Entry) -> None:
-        if self.entries.get(entry.entry_id) is entry:
-            del self.entries[entry.entry_id]
-        if self._by_orig.get(entry.orig_tuple) is entry:
-            del self._by_orig[entry.orig_tuple]
+        self.entries.remove(entry)
         for follower in self._followers:
             follower.forgotten(entry)
 

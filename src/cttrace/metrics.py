@@ -31,8 +31,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 import cttrace
+from cttrace.entry_table import REASONS
 from cttrace.errors import UserError
 from cttrace.findings import Finding, Severity
+from cttrace.netns import entered_netns
 from cttrace.rules import ids
 from cttrace.sources import SourceStats
 
@@ -68,17 +70,21 @@ _CONNTRACK_COUNTERS = {
 
 StatsReader = Callable[[], Mapping[str, int]]
 
-#: nf_conntrack_count and nf_conntrack_max of the reading process's network namespace
-#: (the host's, for an agent on hostNetwork).
+#: nf_conntrack_count and nf_conntrack_max of the reading thread's network namespace:
+#: /proc/sys/net resolves against the opening thread's namespace (net_ctl_header_lookup()
+#: reads current->nsproxy->net_ns), so a thread that entered the traced one reads its own.
 SYSCTL_DIR = Path("/proc/sys/net/netfilter")
 
 
-def read_conntrack_fill(sysctl_dir: Path = SYSCTL_DIR) -> dict[str, int]:
-    """``{"count": nf_conntrack_count, "max": nf_conntrack_max}``; OSError if unreadable."""
-    return {
-        key: int((sysctl_dir / f"nf_conntrack_{key}").read_text())
-        for key in ("count", "max")
-    }
+def read_conntrack_fill(netns: str | None = None,
+                        sysctl_dir: Path = SYSCTL_DIR) -> dict[str, int]:
+    """``{"count": nf_conntrack_count, "max": nf_conntrack_max}`` of the traced namespace
+    (``netns``; None: ours). OSError if unreadable, NetnsError if it cannot be entered."""
+    with entered_netns(netns):
+        return {
+            key: int((sysctl_dir / f"nf_conntrack_{key}").read_text())
+            for key in ("count", "max")
+        }
 
 
 class Metrics:
@@ -96,6 +102,13 @@ class Metrics:
         self._tracked = Gauge("cttrace_tracked_entries",
                               "Conntrack entries the correlator is following.",
                               registry=registry)
+        self._evicted = Counter(
+            "cttrace_evicted_entries",
+            "Entries the correlator's full table forgot, by what they were: finished, "
+            "answered, unobserved (seen only in a dump) or unreplied (a rule could still "
+            "have fired for it).", ["reason"], registry=registry)
+        for reason in REASONS:
+            self._evicted.labels(reason)
         self._unreplied = Histogram(
             "cttrace_unreplied_seconds",
             "How long a NATed entry stayed unreplied, observed at its first reply.",
@@ -143,6 +156,9 @@ class Metrics:
     def set_tracked(self, n: int) -> None:
         self._tracked.set(n)
 
+    def evicted(self, reason: str, n: int) -> None:
+        self._evicted.labels(reason).inc(n)
+
     def identity_sync(self, in_sync: bool) -> None:
         self._identity_in_sync.set(1 if in_sync else 0)
 
@@ -169,9 +185,8 @@ class Metrics:
         """Export an Alertmanager sink's ``stats()`` at scrape time."""
         self.registry.register(_AlertmanagerCollector(stats))
 
-    def add_conntrack(self, stats: StatsReader,
-                      fill: StatsReader = read_conntrack_fill) -> None:
-        """Export the node's conntrack fill and failure counters at scrape time.
+    def add_conntrack(self, stats: StatsReader, fill: StatsReader) -> None:
+        """Export the traced namespace's conntrack fill and failure counters at scrape time.
 
         ``stats()`` returns the ``/proc/net/stat/nf_conntrack`` columns summed over CPUs
         (``cttrace.ctstats.read_conntrack_stats``); ``fill()`` returns ``count`` and

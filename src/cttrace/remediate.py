@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cttrace.correlator import Correlator, Entry
+from cttrace.entry_table import Key as _Key
 from cttrace.findings import Finding, rfc3339
 from cttrace.identity.model import IdentityView
 from cttrace.rules import UNREPLIED_TCP_STATES
@@ -113,8 +114,9 @@ class Remediator:
         self._clock = clock
         self._last = clock()
         self._generation = -1
-        self._queue: collections.OrderedDict[int, Entry] = collections.OrderedDict()
-        self._done: set[int] = set()
+        # Keyed like the correlator's table (the tuple), the id telling entries at it apart.
+        self._queue: collections.OrderedDict[_Key, Entry] = collections.OrderedDict()
+        self._done: set[tuple[_Key, int]] = set()
         self.counts: collections.Counter[str] = collections.Counter()
 
     def check(self, now: float) -> list[Finding]:
@@ -126,27 +128,29 @@ class Remediator:
             self._scan(identity, now)
         self._refill()
         while self._queue and self._tokens >= 1.0:
-            entry_id, entry = self._queue.popitem(last=False)
-            if self.correlator.entries.get(entry_id) is not entry:
+            key, entry = self._queue.popitem(last=False)
+            if self.correlator.entries.get(key) is not entry:
                 continue  # destroyed or replaced meanwhile
             reason = stale_reason(entry, identity, now)
             if reason is None:
                 continue  # answered or rescued meanwhile: leave it
             self._tokens -= 1.0
-            self._done.add(entry_id)
+            self._done.add((key, entry.entry_id))
             self._act(entry, reason, now)
         if self._queue:
             self.counts["rate_limited"] = len(self._queue)
         return []
 
     def _scan(self, identity: IdentityView, now: float) -> None:
-        for entry_id, entry in self.correlator.entries.items():
-            if entry_id in self._done or entry_id in self._queue:
+        entries = self.correlator.entries
+        for key, entry in entries.items():
+            if (key, entry.entry_id) in self._done or key in self._queue:
                 continue
             if stale_reason(entry, identity, now) is not None:
-                self._queue[entry_id] = entry
+                self._queue[key] = entry
         if len(self._done) > 4 * self.correlator.settings.max_entries:
-            self._done.intersection_update(self.correlator.entries)
+            self._done = {(key, entry_id) for key, entry_id in self._done
+                          if (e := entries.get(key)) is not None and e.entry_id == entry_id}
 
     def _refill(self) -> None:
         t = self._clock()

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cttrace.correlator import Correlator
+from cttrace.entry_table import UNREPLIED
+from cttrace.errors import UserError
 from cttrace.events import CtEvent, Event
 from cttrace.findings import Finding
 from cttrace.sources import Source
@@ -77,6 +79,8 @@ class Status:
     findings: int
     identity: str  # "none", "syncing", "in sync"
     extra: dict[str, int] = field(default_factory=dict)
+    #: Entries the correlator's full table evicted, by reason (cttrace.entry_table.REASONS).
+    evicted: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         from cttrace.findings import rfc3339
@@ -91,6 +95,7 @@ class Status:
             "tracked": self.tracked,
             "findings": self.findings,
             "identity": self.identity,
+            "evicted": self.evicted,
         }
         out.update(self.extra)
         return out
@@ -137,7 +142,10 @@ class Pipeline:
         on_finding: Callable[[Finding], None] | None = None,
         periodic: Sequence[Periodic] = (),
         coalesce_s: float = COALESCE_S,
+        on_warning: Callable[[dict[str, object]], None] | None = None,
     ) -> None:
+        """``on_warning`` gets a ``{"kind": "warning", ...}`` object for each condition that
+        loses a finding (unreplied entries evicted from a full table), once per status."""
         self.source = source
         self.correlator = correlator
         self.sinks = list(sinks)
@@ -148,6 +156,8 @@ class Pipeline:
         self.on_finding = on_finding
         self.periodic = list(periodic)
         self.coalesce_s = coalesce_s
+        self.on_warning = on_warning
+        self._warned_unreplied = 0
         self.findings: Counter[str] = Counter()
         self._events = 0
         self._rate_mark = (0.0, 0)
@@ -181,7 +191,11 @@ class Pipeline:
                 return
             ready = True
             if ready_file is not None:
-                ready_file.write_text(f"{self.source.name}\n")
+                try:
+                    ready_file.write_text(f"{self.source.name}\n")
+                except OSError as err:  # checked when parsed; the directory went since
+                    raise UserError(f"cannot write --ready-file {ready_file}: "
+                                    f"{err.strerror}") from None
             if on_ready is not None:
                 on_ready()
 
@@ -252,6 +266,8 @@ class Pipeline:
             self._rate = (self._events - mark_n) / (now - mark_t)
             self._rate_mark = (now, self._events)
         stats = self.source.stats()
+        evicted = dict(self.correlator.entries.evicted)
+        self._warn_evicted(now, evicted)
         status = Status(
             ts=now,
             source=self.source.name,
@@ -262,6 +278,23 @@ class Pipeline:
             findings=sum(self.findings.values()),
             identity=self.identity_state,
             extra=dict(stats.extra),
+            evicted=evicted,
         )
         for sink in self.sinks:
             sink.status(status)
+
+    def _warn_evicted(self, now: float, evicted: dict[str, int]) -> None:
+        lost = evicted.get(UNREPLIED, 0)
+        if lost <= self._warned_unreplied or self.on_warning is None:
+            return
+        from cttrace.findings import rfc3339
+
+        limit = self.correlator.entries.limit
+        self.on_warning({
+            "kind": "warning", "ts": rfc3339(now), "reason": "evicted-unreplied",
+            "evicted_unreplied": lost - self._warned_unreplied, "total": lost,
+            "msg": f"{lost - self._warned_unreplied} unreplied entries evicted: the "
+                   f"correlator's table is full ({limit} entries) of entries rules still "
+                   "need; late-establish and wrong-pod cannot fire for them",
+        })
+        self._warned_unreplied = lost

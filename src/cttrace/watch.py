@@ -19,6 +19,7 @@ from cttrace.assemble import (
     snat_check,
     warn,
 )
+from cttrace.blind_spots import TracedNamespace, blind_spot_checks
 from cttrace.filters import Filter
 from cttrace.findings import Finding, rfc3339
 from cttrace.runtime import Pipeline, Sink, Summary
@@ -73,13 +74,18 @@ def run_watch(
         log = json_sink.note if json_sink is not None else (
             lambda obj: warn(f"remediate: {obj['action']} entry {obj['entry_id']}: "
                              f"{obj['reason']}"))
-        periodic = [snat_check(opts.netns, source)]
+        warning: Callable[[dict[str, object]], None] = (
+            json_sink.note if json_sink is not None else lambda obj: say(str(obj["msg"])))
+        # A deleted traced namespace ends the watch: nothing can happen there any more.
+        periodic = [snat_check(opts.netns, source),
+                    *blind_spot_checks(TracedNamespace(opts.netns), warning, on_gone=stop.set)]
         remediator = build_remediator(opts.remediate, correlator, opts.netns,
                                       lambda r: log(r.to_json()))
         if remediator is not None:
             periodic.append(remediator)
         pipeline = Pipeline(source, correlator, sinks, pollers, on_finding=on_finding,
-                            status_s=0.5 if table else 1.0, periodic=periodic)
+                            status_s=0.5 if table else 1.0, periodic=periodic,
+                            on_warning=warning)
         summary = pipeline.run(
             stop, ready_file=opts.ready_file, duration=opts.duration,
             on_ready=(lambda: on_ready(say)) if on_ready is not None else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -156,7 +157,14 @@ def book(urls: tuple[str, ...] = (A,), capacity: int = 100) -> AlertBook:
 
 
 def add(b: AlertBook, finding: Finding, now: float) -> bool:
-    return b.add(finding_to_alert(finding, "n", ""), starts_at=finding.ts, now=now)
+    """File ``finding``; True when nothing had to be dropped for it."""
+    return b.add(finding_to_alert(finding, "n", ""), starts_at=finding.ts, now=now) is None
+
+
+def late(sport: int, ts: float = T0) -> Finding:
+    """A warning (late-establish) with the client port ``sport``."""
+    return dataclasses.replace(wrong_pod(sport, ts), rule="late-establish",
+                               severity=Severity.WARNING)
 
 
 def test_new_alert_goes_to_every_alertmanager_then_is_resent_on_the_interval() -> None:
@@ -232,9 +240,46 @@ def test_full_book_refuses_new_alerts_but_refreshes_held_ones() -> None:
     b = book(capacity=2)
     assert add(b, wrong_pod(1), T0)
     assert add(b, wrong_pod(2), T0)
-    assert not add(b, wrong_pod(3), T0)
+    dropped = b.add(finding_to_alert(wrong_pod(3), "n", ""), starts_at=T0, now=T0)
+    assert dropped is not None and dropped["tuple"].endswith(":3->10.96.0.10:80")
     assert add(b, wrong_pod(1), T0 + 1)
     assert len(b) == 2
+
+
+def test_delivered_alerts_kept_for_resending_do_not_take_an_undelivered_ones_room() -> None:
+    b = book((A, B), capacity=1)
+    assert add(b, wrong_pod(1), T0)
+    assert b.undelivered() == 1
+    b.accepted(A, b.due(A, T0, limit=10), T0)
+    assert b.undelivered() == 1  # B has not accepted it yet
+    b.accepted(B, b.due(B, T0, limit=10), T0)
+    assert b.undelivered() == 0
+    assert add(b, wrong_pod(2), T0 + 5)  # room: the first is delivered, only re-sent
+    assert len(b) == 2
+    assert [s.resolves for s in b.due(A, T0 + 60, limit=10)] == [False, False]
+
+
+def test_a_full_book_drops_the_least_severe_first() -> None:
+    b = book(capacity=2)
+    assert add(b, late(1), T0)
+    assert add(b, late(2), T0)
+    dropped = b.add(finding_to_alert(wrong_pod(3), "n", ""), starts_at=T0, now=T0)
+    assert dropped is not None
+    assert (dropped["alertname"], dropped["severity"]) == ("CttraceLateEstablish", "warning")
+    assert dropped["tuple"].endswith(":2->10.96.0.10:80")  # the newest warning
+    assert not add(b, late(4), T0)  # a warning among a warning and a critical: dropped
+    assert not add(b, wrong_pod(5), T0)  # a critical displaces the last warning
+    assert len(b) == 2
+    assert sorted(s.wire["labels"]["severity"] for s in b.due(A, T0, limit=10)  # type: ignore[index]
+                  ) == ["critical", "critical"]
+
+
+def test_delivered_alerts_are_bounded_too() -> None:
+    b = book(capacity=2)
+    for sport in range(5):
+        assert add(b, wrong_pod(sport), T0)
+        b.accepted(A, b.due(A, T0, limit=10), T0)
+    assert len(b) == 2 and b.undelivered() == 0 and b.released == 3
 
 
 def test_due_is_batched() -> None:

@@ -6,6 +6,7 @@ bodies); Alertmanager's own behaviour is tested in tests/kernel/test_alertmanage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from cttrace.events import Flow
 from cttrace.findings import Finding, Severity
+from cttrace.json_log import logging_to
 from cttrace.sinks.alertmanager import AlertmanagerConfigError, AlertmanagerSink
 
 Post = tuple[dict[str, str], list[dict[str, object]]]
@@ -175,6 +177,28 @@ def test_queue_bound_drops_only_what_exceeds_it(recorder: Recorder) -> None:
     s.close(5)
     ports = sorted(a["labels"]["tuple"] for a in recorder.alerts())  # type: ignore[index]
     assert ports == [f"10.0.1.5:{p}->10.96.0.10:80" for p in range(3)]
+
+
+def test_a_full_queue_of_undelivered_alerts_drops_a_warning_for_a_critical_and_logs_it(
+        recorder: Recorder) -> None:
+    recorder.status = 503  # nothing is delivered: every held alert is undelivered
+    s = sink([recorder.url], queue_max=1)
+    lines: list[dict[str, object]] = []
+    s.start()
+    with logging_to(lines.append):
+        s.submit(dataclasses.replace(finding(1), rule="late-establish",
+                                     severity=Severity.WARNING))
+        s.submit(finding(2))  # critical
+    assert s.stats()["dropped"] == 1 and s.stats()["queue_depth"] == 1
+    drops = [x for x in lines if str(x["msg"]).startswith("alert queue full")]
+    assert len(drops) == 1
+    dropped = drops[0]["dropped"]
+    assert isinstance(dropped, dict) and dropped["alertname"] == "CttraceLateEstablish"
+    recorder.status = 200
+    wait_until(lambda: len(recorder.alerts()) >= 1, "the critical alert")
+    s.close(5)
+    assert {a["labels"]["alertname"] for a in recorder.alerts()} == {  # type: ignore[index]
+        "CttraceWrongPod"}
 
 
 def test_one_shot_alert_is_resolved_after_hold(recorder: Recorder) -> None:

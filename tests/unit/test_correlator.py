@@ -125,7 +125,7 @@ def test_entry_destroyed_before_any_reply_yields_nothing() -> None:
     findings = run(corr, [ct(CtKind.NEW, 9.0, TcpState.SYN_SENT),
                           ct(CtKind.DESTROY, 11.0, TcpState.SYN_SENT)], until=40.0)
     assert findings == []
-    assert corr.entries == {}
+    assert len(corr.entries) == 0
 
 
 def test_port_reused_after_the_entry_expired_is_a_new_entry() -> None:
@@ -322,7 +322,7 @@ def test_resync_forgets_entries_that_vanished_while_events_were_lost() -> None:
     corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT, entry_id=2,
                  orig=Flow(CLIENT_IP, 40001, VIP, 80)), 1.0)
     corr.feed(ResyncDone(2.0, "netlink", frozenset({2})), 2.0)
-    assert list(corr.entries) == [2]
+    assert [e.entry_id for e in corr.entries.values()] == [2]
 
 
 def test_tracked_entries_are_bounded() -> None:
@@ -332,7 +332,51 @@ def test_tracked_entries_are_bounded() -> None:
                      orig=Flow(CLIENT_IP, 1000 + i, VIP, 80)), 1.0)
     assert len(corr.entries) == 100
     assert corr.stats.evicted == 150
-    assert min(corr.entries) == 150, "the oldest go first"
+    assert corr.entries.evicted["unreplied"] == 150
+    assert min(e.entry_id for e in corr.entries.values()) == 150, "the oldest go first"
+
+
+def test_a_full_table_evicts_answered_entries_before_an_old_unreplied_one() -> None:
+    # The stale SYN_SENT entry is the oldest; thousands of answered entries come after it.
+    ident = world()
+    recycled(ident)
+    corr = Correlator(Settings(max_entries=100), identity=ident)
+    corr.feed(ct(CtKind.NEW, 9.0, TcpState.SYN_SENT), 9.0)
+    for i in range(2, 1000):
+        other = Flow(CLIENT_IP, 2000 + i, VIP, 80)
+        corr.feed(ct(CtKind.NEW, 9.5, TcpState.SYN_SENT, entry_id=i, orig=other), 9.5)
+        state = TcpState.ESTABLISHED if i % 2 else TcpState.TIME_WAIT
+        corr.feed(ct(CtKind.UPDATE, 9.5, state, REPLIED, entry_id=i, orig=other), 9.5)
+    assert len(corr.entries) == 100
+    assert corr.entries.evicted["unreplied"] == 0
+    assert corr.entries.evicted["answered"] + corr.entries.evicted["finished"] == 899
+    found = run(corr, [ct(CtKind.UPDATE, 21.0, TcpState.SYN_RECV, REPLIED)], until=40.0)
+    assert rules(found) == ["late-establish", "wrong-pod"]
+
+
+def test_entries_whose_ids_collide_stay_apart() -> None:
+    # nf_ct_get_id() is a 32-bit hash: two live entries can share it.
+    ident = world()
+    recycled(ident)
+    corr = Correlator(identity=ident)
+    other = Flow(CLIENT_IP, 40001, VIP, 80)
+    corr.feed(ct(CtKind.NEW, 9.0, TcpState.SYN_SENT), 9.0)
+    corr.feed(ct(CtKind.NEW, 9.1, TcpState.SYN_SENT, orig=other), 9.1)  # the same id 1
+    assert len(corr.entries) == 2
+    found = run(corr, [ct(CtKind.UPDATE, 21.0, TcpState.SYN_RECV, REPLIED),
+                       ct(CtKind.UPDATE, 21.0, TcpState.SYN_RECV, REPLIED, orig=other)],
+                until=40.0)
+    assert sorted(rules(found)) == ["late-establish", "late-establish", "wrong-pod", "wrong-pod"]
+    assert {f.orig for f in found} == {ORIG, other}
+
+
+def test_a_destroy_of_another_entry_at_the_tuple_keeps_the_tracked_one() -> None:
+    corr = Correlator()
+    corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT, entry_id=7), 1.0)
+    corr.feed(ct(CtKind.DESTROY, 1.1, TcpState.SYN_SENT, entry_id=6), 1.1)
+    assert [e.entry_id for e in corr.entries.values()] == [7]
+    corr.feed(ct(CtKind.NEW, 2.0, TcpState.SYN_SENT, entry_id=8), 2.0)  # 7's destroy was lost
+    assert [e.entry_id for e in corr.entries.values()] == [8]
 
 
 def test_dead_endpoint_when_the_chosen_pod_was_known_only_just_after_the_entry() -> None:
@@ -355,7 +399,8 @@ def test_entries_share_nothing_they_report() -> None:
     other = Flow(CLIENT_IP, 40001, VIP, 80)
     corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT), 1.0)
     corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT, entry_id=2, orig=other), 1.0)
-    first, second = corr.entries[1], corr.entries[2]
+    first, second = corr.entries.get(ORIG), corr.entries.get(other)
+    assert first is not None and second is not None
     assert first.reported is second.reported and not first.reported
     first.mark_reported("inherited-entry")
     first.mark_reported("unnated-reply")
@@ -367,7 +412,8 @@ def test_entries_share_nothing_they_report() -> None:
 def test_entry_keeps_its_tuple_as_a_plain_tuple_the_gc_stops_tracking() -> None:
     corr = Correlator()
     corr.feed(ct(CtKind.NEW, 1.0, TcpState.SYN_SENT), 1.0)
-    entry = corr.entries[1]
+    entry = corr.entries.get(ORIG)
+    assert entry is not None
     assert type(entry.orig) is Flow and entry.orig == ORIG and entry.key == ORIG
     gc.collect()
     assert type(entry.orig_tuple) is tuple and not gc.is_tracked(entry.orig_tuple)

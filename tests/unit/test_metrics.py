@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import urllib.error
 import urllib.request
@@ -110,7 +111,8 @@ def test_conntrack_fill_and_failures(registry: CollectorRegistry, tmp_path: Path
     (tmp_path / "nf_conntrack_count").write_text("1234\n")
     (tmp_path / "nf_conntrack_max").write_text("262144\n")
     stats = {"entries": 1234, "insert_failed": 3, "drop": 4, "early_drop": 0, "clashres": 9}
-    Metrics(registry).add_conntrack(lambda: stats, lambda: read_conntrack_fill(tmp_path))
+    Metrics(registry).add_conntrack(lambda: stats,
+                                    lambda: read_conntrack_fill(sysctl_dir=tmp_path))
     got = samples(registry)
     assert got[("cttrace_conntrack_entries", ())] == 1234
     assert got[("cttrace_conntrack_max", ())] == 262144
@@ -119,13 +121,42 @@ def test_conntrack_fill_and_failures(registry: CollectorRegistry, tmp_path: Path
     assert got[("cttrace_conntrack_early_drop_total", ())] == 0
 
 
+def test_conntrack_fill_is_read_inside_the_traced_namespace(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # /proc/sys/net resolves against the reading thread's namespace: the fill is read
+    # with the traced namespace entered, not in the agent's own (the host's).
+    (tmp_path / "nf_conntrack_count").write_text("330001\n")
+    (tmp_path / "nf_conntrack_max").write_text("524288\n")
+    entered: list[str | None] = []
+
+    @contextlib.contextmanager
+    def fake_enter(name: str | None) -> Iterator[None]:
+        entered.append(name)
+        yield
+
+    monkeypatch.setattr("cttrace.metrics.entered_netns", fake_enter)
+    assert read_conntrack_fill("ctl-node", sysctl_dir=tmp_path) == {"count": 330001,
+                                                                     "max": 524288}
+    assert entered == ["ctl-node"]
+
+
+def test_evicted_entries_are_exported_by_reason_from_the_start(
+        registry: CollectorRegistry) -> None:
+    m = Metrics(registry)
+    assert samples(registry)[("cttrace_evicted_entries_total", (("reason", "unreplied"),))] == 0
+    m.evicted("unreplied", 3)
+    got = samples(registry)
+    assert got[("cttrace_evicted_entries_total", (("reason", "unreplied"),))] == 3
+    assert got[("cttrace_evicted_entries_total", (("reason", "answered"),))] == 0
+
+
 def test_unreadable_kernel_files_drop_metrics_not_the_scrape(
         registry: CollectorRegistry, tmp_path: Path) -> None:
     def broken() -> dict[str, int]:
         raise PermissionError("/proc/net/stat/nf_conntrack")
 
     m = Metrics(registry)
-    m.add_conntrack(broken, lambda: read_conntrack_fill(tmp_path))  # no sysctl files there
+    m.add_conntrack(broken, lambda: read_conntrack_fill(sysctl_dir=tmp_path))  # no files there
     m.event("netlink", "new")
     got = samples(registry)
     assert not any(name.startswith("cttrace_conntrack_") for name, _ in got)

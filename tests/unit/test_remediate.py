@@ -53,7 +53,7 @@ def test_replied_and_established_entries_are_never_touched() -> None:
     ident.release(POD_IP, CART_A, 10.0)  # type: ignore[union-attr]
     rem.check(11.0)
     assert deleted == []
-    entry = corr.entries[1]
+    entry = next(iter(corr.entries.values()))
     assert stale_reason(entry, ident, 11.0) is None  # type: ignore[arg-type]
 
 

@@ -16,6 +16,7 @@ import pkgutil
 
 from cttrace.events import TcpState
 from cttrace.rules._spec import (
+    FINISHED_STATES,
     FIRST_REPLY_STATES,
     IDENTITY_GRACE,
     Checker,
@@ -27,7 +28,7 @@ from cttrace.rules._spec import (
 )
 
 __all__ = [
-    "FIRST_REPLY_STATES", "IDENTITY_GRACE", "RULES", "UNREPLIED_TCP_STATES",
+    "FINISHED_STATES", "FIRST_REPLY_STATES", "IDENTITY_GRACE", "RULES", "UNREPLIED_TCP_STATES",
     "WANTED_TCP_STATES", "Checker", "Context", "RuleSpec", "Setting", "Settings",
     "TrackedEntry", "by_id", "ids", "readme_table", "settings_of", "unknown_settings",
 ]

@@ -11,7 +11,7 @@ state filters) is derived from the specs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,13 +44,14 @@ class Settings:
 
     def __init__(self, *, max_entries: int = 262_144, **values: float) -> None:
         self.max_entries: int = max_entries
-        """Bound on tracked entries; the oldest is evicted (counted) beyond it."""
+        """Bound on tracked entries; beyond it the oldest that no rule needs is evicted
+        (counted by reason); an unreplied entry goes only when nothing else is left."""
         self.values = values
 
     @classmethod
-    def of(cls, values: Mapping[str, float]) -> Settings:
+    def of(cls, values: Mapping[str, float], *, max_entries: int = 262_144) -> Settings:
         """The settings a command line gave, by name."""
-        settings = cls()
+        settings = cls(max_entries=max_entries)
         settings.values = dict(values)
         return settings
 
@@ -70,6 +71,9 @@ IDENTITY_GRACE = Setting(
 #: (tcp_conntrack's sSR transition), after which SEEN_REPLY is set as well; a
 #: simultaneous open or a picked-up connection may go straight to ESTABLISHED.
 FIRST_REPLY_STATES = frozenset({int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
+#: Finished connections: no first reply can come any more, and an entry in these
+#: states points at a dead pod harmlessly.
+FINISHED_STATES = frozenset({int(TcpState.TIME_WAIT), int(TcpState.CLOSE)})
 
 
 class TrackedEntry(Protocol):
@@ -99,21 +103,29 @@ class TrackedEntry(Protocol):
 Out = list[Finding]
 
 
+class EntryView(Protocol):
+    """The correlator's table as the rules read it (an :class:`~cttrace.entry_table.EntryTable`)."""
+
+    def get(self, key: tuple[str, int, str, int], /) -> TrackedEntry | None: ...
+
+    def values(self) -> Iterable[TrackedEntry]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Context:
     """What the correlator gives a checker: settings, identity and a read view of its table."""
 
     settings: Settings
     identity: IdentityView | None
-    entries: Mapping[int, TrackedEntry]
-    """Live entries by conntrack id."""
+    entries: EntryView
+    """Live entries by original tuple (conntrack ids are not unique: see entry_table)."""
     entry_for_tuple: Callable[[tuple[str, int, str, int]], TrackedEntry | None]
     """The live entry of an original tuple."""
     follow_entries: Callable[[Checker], None]
     """From now on, call the checker's ``tracked``/``forgotten`` for every entry added/removed."""
 
     def live(self, entry: TrackedEntry) -> bool:
-        return self.entries.get(entry.entry_id) is entry
+        return self.entries.get(entry.orig_tuple) is entry
 
 
 class Checker:

@@ -14,6 +14,7 @@ from cttrace.findings import Finding, Severity
 from cttrace.identity.model import IdentityView, PodRef
 from cttrace.rules._common import finding, history, last_owner_before, names, owner_near, svc, who
 from cttrace.rules._spec import (
+    FINISHED_STATES,
     IDENTITY_GRACE,
     Checker,
     Context,
@@ -28,8 +29,6 @@ DEAD_AFTER = Setting(
     help="Seconds an entry may outlive its pod before dead-endpoint fires.",
 )
 
-#: Finished connections: an entry in these states points at a dead pod harmlessly.
-_FINISHED_STATES = frozenset({int(TcpState.TIME_WAIT), int(TcpState.CLOSE)})
 
 
 class DeadEndpoint(Checker):
@@ -40,14 +39,14 @@ class DeadEndpoint(Checker):
         self.dead_after = ctx.settings[DEAD_AFTER]
         # Entries whose chosen pod may be gone, re-evaluated on tick; an entry that left
         # the table is dropped there, so a DESTROY costs this rule nothing.
-        self._watch: dict[int, TrackedEntry] = {}
+        self._watch: dict[tuple[str, int, str, int], TrackedEntry] = {}  # by orig_tuple
         self._identity_gen = -1
         if ctx.identity is not None:
             self.on_created = self._created
             self.on_tick = self._tick
 
     def _created(self, entry: TrackedEntry, now: float) -> None:
-        self._watch[entry.entry_id] = entry
+        self._watch[entry.orig_tuple] = entry
 
     def _tick(self, now: float, out: Out) -> None:
         identity = self.identity
@@ -57,16 +56,16 @@ class DeadEndpoint(Checker):
             # Identity changed: any live entry may now point at a pod that is gone.
             for entry in self.ctx.entries.values():
                 if RULE.id not in entry.reported:
-                    self._watch[entry.entry_id] = entry
+                    self._watch[entry.orig_tuple] = entry
         if self._watch:
             self._check(identity, now, out)
 
     def _check(self, identity: IdentityView, now: float, out: Out) -> None:
-        done: list[int] = []
+        done: list[tuple[str, int, str, int]] = []
         live = self.ctx.live
-        for entry_id, entry in self._watch.items():
-            if entry.state in _FINISHED_STATES or not live(entry) or RULE.id in entry.reported:
-                done.append(entry_id)
+        for key, entry in self._watch.items():
+            if entry.state in FINISHED_STATES or not live(entry) or RULE.id in entry.reported:
+                done.append(key)
                 continue
             ip = entry.target_ip
             chosen_at = entry.created if entry.created is not None else entry.last_seen
@@ -74,25 +73,25 @@ class DeadEndpoint(Checker):
             if chosen is None:
                 chosen = last_owner_before(identity, ip, chosen_at)
             if chosen is None:
-                done.append(entry_id)  # no identity for this target at all
+                done.append(key)  # no identity for this target at all
                 continue
             gone_at = _ownership_end(identity, ip, chosen, chosen_at + self.grace)
             if gone_at is None:
-                done.append(entry_id)  # chosen pod still holds the IP
+                done.append(key)  # chosen pod still holds the IP
                 continue
             holder = identity.owner_at(ip, now)
             if holder is not None and holder.uid == chosen.uid:
                 continue  # its end is stamped after ``now``: look again next tick
             if holder is not None or (entry.replied is not None and entry.replied >= gone_at):
-                done.append(entry_id)  # someone holds or answered on the IP: wrong-pod territory
+                done.append(key)  # someone holds or answered on the IP: wrong-pod territory
                 continue
             if now - gone_at < self.dead_after:
                 continue  # keep watching
-            done.append(entry_id)
+            done.append(key)
             entry.mark_reported(RULE.id)
             out.append(self._finding(identity, entry, chosen, gone_at, now))
-        for entry_id in done:
-            self._watch.pop(entry_id, None)
+        for key in done:
+            self._watch.pop(key, None)
 
     def _finding(self, identity: IdentityView, entry: TrackedEntry, chosen: PodRef,
                  gone_at: float, now: float) -> Finding:
@@ -138,7 +137,7 @@ RULE = RuleSpec(
         "closing its connections."
     ),
     # A finished connection (TIME_WAIT, CLOSE) is harmless; its state is in the finding.
-    tcp_states=frozenset({int(TcpState.ESTABLISHED), *_FINISHED_STATES}),
+    tcp_states=frozenset({int(TcpState.ESTABLISHED), *FINISHED_STATES}),
     settings=(DEAD_AFTER, IDENTITY_GRACE),
     checker=DeadEndpoint,
 )

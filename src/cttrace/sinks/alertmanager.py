@@ -18,8 +18,14 @@ Why it is shaped this way:
   given Alertmanager first accepted it, so an outage longer than ``hold`` does not
   swallow the alert; then it is sent once more with ``endsAt`` (resolved).
 * Nothing is lost within the bound: an alert stays in the book until every URL
-  accepted its resolution. ``submit`` drops (and counts) only findings that would
-  add a new alert to a full book.
+  accepted its resolution. The bound (``queue_max``, ``--alert-queue``) counts only
+  alerts some Alertmanager has not accepted yet: one every Alertmanager has, kept
+  for its re-sends and resolution, never takes an undelivered alert's room (those
+  are bounded apart, by as many again; past that the longest-delivered is let go,
+  and Alertmanager resolves it after its ``resolve_timeout``). When the undelivered
+  are at the bound, the least severe goes first (a new critical displaces the newest
+  held warning; a new warning among criticals is dropped); each drop is counted and
+  logged with the dropped alert's labels.
 """
 
 from __future__ import annotations
@@ -161,6 +167,7 @@ class _HeldAlert:
     starts_at: float
     resolve_at: float  # latest finding + hold
     generator_url: str | None
+    rank: int  # _SEVERITY_RANK of its severity label: the least severe is dropped first
     generation: int = 0  # bumped when a resolved alert fires again
     per_url: dict[str, _Delivery] = field(default_factory=dict)
 
@@ -175,11 +182,19 @@ class Sending:
     wire: dict[str, object]
 
 
+#: Severity labels, least severe first; an unknown one ranks with the least severe.
+_SEVERITY_RANK: Mapping[str, int] = {"info": 0, "warning": 1, "critical": 2}
+
+
 class AlertBook:
     """The alerts cttrace holds, and what each Alertmanager still has to be sent.
 
     Pure bookkeeping on explicit times (no threads, no clock), so that its timing
     rules are unit-tested at full speed. Not thread-safe: the sink locks around it.
+
+    ``capacity`` bounds the alerts some Alertmanager has not accepted yet
+    (undelivered), and, apart from them, the delivered ones kept for re-sending and
+    resolution (see the module docstring).
     """
 
     def __init__(self, urls: Iterable[str], *, resend_interval: float, hold: float,
@@ -189,15 +204,30 @@ class AlertBook:
         self.hold = hold
         self.capacity = capacity
         self._alerts: dict[LabelKey, _HeldAlert] = {}
+        # Keys of the undelivered alerts by rank (in filing order), and of the delivered
+        # ones (in delivery order): what a full book drops or lets go, found in O(1).
+        self._undelivered: dict[int, dict[LabelKey, None]] = {
+            rank: {} for rank in sorted(set(_SEVERITY_RANK.values()))}
+        self._delivered: dict[LabelKey, None] = {}
+        #: Delivered alerts let go before their resolution to bound the book.
+        self.released = 0
 
     def __len__(self) -> int:
         return len(self._alerts)
 
-    def add(self, alert: Mapping[str, object], *, starts_at: float, now: float) -> bool:
-        """File a firing alert; False (nothing changed) when it is new and the book is full.
+    def undelivered(self) -> int:
+        """Alerts some Alertmanager has not accepted (the ones ``capacity`` bounds)."""
+        return sum(len(keys) for keys in self._undelivered.values())
 
-        ``starts_at`` is ``alert["startsAt"]`` as a timestamp; a new finding with the
-        labels of a held alert extends its hold, or makes it fire again if it resolved.
+    def add(self, alert: Mapping[str, object], *, starts_at: float,
+            now: float) -> dict[str, str] | None:
+        """File a firing alert; returns the labels of the alert dropped for it, if any.
+
+        With the undelivered alerts at ``capacity``, a new alert displaces the newest
+        held one of the lowest severity below its own, or, if there is none, is itself
+        dropped (its labels are returned and nothing changes). ``starts_at`` is
+        ``alert["startsAt"]`` as a timestamp; a new finding with the labels of a held
+        alert extends its hold, or makes it fire again if it resolved.
         """
         labels = dict(_str_map(alert["labels"]))
         annotations = dict(_str_map(alert.get("annotations", {})))
@@ -205,15 +235,22 @@ class AlertBook:
         key = label_key(labels)
         held = self._alerts.get(key)
         if held is None:
-            if len(self._alerts) >= self.capacity:
-                return False
+            rank = _SEVERITY_RANK.get(labels.get("severity", ""), 0)
+            dropped = None
+            if self.undelivered() >= self.capacity:
+                victim = self._least_severe_below(rank)
+                if victim is None:
+                    return labels
+                dropped = self._alerts[victim].labels
+                self._forget(victim)
             self._alerts[key] = _HeldAlert(
                 labels=labels, annotations=annotations, starts_at=starts_at,
                 resolve_at=now + self.hold,
                 generator_url=generator if isinstance(generator, str) else None,
-                per_url={url: _Delivery() for url in self.urls},
+                rank=rank, per_url={url: _Delivery() for url in self.urls},
             )
-            return True
+            self._undelivered[rank][key] = None
+            return dropped
         held.annotations = annotations
         if any(self._resolving(held, url, now) for url in self.urls):
             # It had (partly) resolved: it fires again as a new occurrence, everywhere.
@@ -221,9 +258,34 @@ class AlertBook:
             held.resolve_at = now + self.hold
             held.generation += 1
             held.per_url = {url: _Delivery() for url in self.urls}
+            self._delivered.pop(key, None)
+            self._undelivered[held.rank][key] = None
         else:
             held.resolve_at = max(held.resolve_at, now + self.hold)
-        return True
+        return None
+
+    def _least_severe_below(self, rank: int) -> LabelKey | None:
+        """The newest undelivered alert of the lowest rank under ``rank``, if any."""
+        for lower, keys in self._undelivered.items():
+            if lower >= rank:
+                break
+            if keys:
+                return next(reversed(keys))
+        return None
+
+    def _forget(self, key: LabelKey) -> None:
+        held = self._alerts.pop(key)
+        self._undelivered[held.rank].pop(key, None)
+        self._delivered.pop(key, None)
+
+    def _delivered_everywhere(self, key: LabelKey, held: _HeldAlert) -> None:
+        if key in self._delivered:
+            return
+        self._undelivered[held.rank].pop(key, None)
+        self._delivered[key] = None
+        if len(self._delivered) > self.capacity:
+            self._forget(next(iter(self._delivered)))
+            self.released += 1
 
     def _ends(self, held: _HeldAlert, url: str) -> float | None:
         first = held.per_url[url].first_accepted
@@ -278,10 +340,12 @@ class AlertBook:
             if item.resolves:
                 state.resolved = True
                 if all(s.resolved for s in held.per_url.values()):
-                    del self._alerts[item.key]
+                    self._forget(item.key)
             else:
                 if state.first_accepted is None:
                     state.first_accepted = now
+                    if all(s.first_accepted is not None for s in held.per_url.values()):
+                        self._delivered_everywhere(item.key, held)
                 state.last_accepted = now
 
     def unsent(self, url: str) -> int:
@@ -322,7 +386,7 @@ class _Counters:
     failed: int = 0  # POSTs that did not succeed
     retries: int = 0  # POSTs made after a failure to the same URL
     rejected: int = 0  # alerts an Alertmanager refused as invalid (HTTP 400/422)
-    dropped: int = 0  # findings not filed because the book was full (or the sink closed)
+    dropped: int = 0  # alerts dropped from a full book, or findings after close
 
 
 class AlertmanagerSink:
@@ -394,10 +458,17 @@ class AlertmanagerSink:
         """File ``finding``'s alert for delivery. Never waits for the network."""
         alert = finding_to_alert(finding, self._node, self._generator_url)
         with self._cond:
-            if self._closing or not self._book.add(alert, starts_at=finding.ts, now=self._clock()):
+            if self._closing:
                 self._counters.dropped += 1
                 return
+            dropped = self._book.add(alert, starts_at=finding.ts, now=self._clock())
+            if dropped is not None:
+                self._counters.dropped += 1
             self._cond.notify_all()
+        if dropped is not None:
+            log.warning("alert queue full (--alert-queue %d undelivered): dropped %s %s",
+                        self._book.capacity, dropped.get("severity", "?"),
+                        dropped.get("alertname", "?"), extra={"fields": {"dropped": dropped}})
 
     # The runtime's sink interface (cttrace.runtime.Sink): only findings become alerts.
     def finding(self, finding: Finding) -> None:

@@ -6,6 +6,7 @@ wait for a buffer to fill); status lines are throttled.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import BinaryIO
 
 import orjson
@@ -24,6 +25,7 @@ class JsonLinesSink:
         self.flows = flows
         self.status_every = status_every
         self._last_status = float("-inf")
+        self._last_events: tuple[float, int] | None = None  # (ts, events) of the last line
 
     def _write(self, obj: dict[str, object]) -> None:
         self.out.write(orjson.dumps(obj) + b"\n")
@@ -57,6 +59,13 @@ class JsonLinesSink:
     def status(self, status: Status) -> None:
         if status.ts - self._last_status >= self.status_every:
             self._last_status = status.ts
+            # events_per_s over the interval this line covers (since the previous line),
+            # not over the pipeline's last second: lines are status_every apart.
+            mark = self._last_events
+            if mark is not None and status.ts > mark[0]:
+                rate = (status.events - mark[1]) / (status.ts - mark[0])
+                status = dataclasses.replace(status, events_per_s=rate)
+            self._last_events = (status.ts, status.events)
             self._write(status.to_json())
 
     def note(self, obj: dict[str, object]) -> None:

@@ -74,7 +74,7 @@ class LiveView:
             table.add_column(col, no_wrap=True)
         now = time.time()
         rows: list[Entry] = []
-        for entry in reversed(self.correlator.entries.values()):
+        for entry in self.correlator.entries.newest_first():
             if self._show(entry, now):
                 rows.append(entry)
                 if len(rows) >= _MAX_ROWS:

@@ -115,6 +115,7 @@ class NetlinkSource:
         self._malformed = 0
         self._dump_filtered = 0
         self._proc_netlink: int | None = None  # fd of our netns' /proc/net/netlink
+        self._drops_counted = 0  # of the socket's sk_drops, what Lost events reported
 
     # --- Source protocol ---------------------------------------------------
 
@@ -188,8 +189,9 @@ class NetlinkSource:
                 # since the last read. What is still queued is intact.
                 self._collect(view[:off], ts, out)
                 off = 0
-                out.append(Lost(ts, self.name, 1, "ENOBUFS"))
-                self._stats.lost += 1
+                missed = self._missed_since_last()
+                out.append(Lost(ts, self.name, missed, "ENOBUFS"))
+                self._stats.lost += missed
                 overflowed = True
                 continue
             if n > _MAX_DATAGRAM:
@@ -203,9 +205,15 @@ class NetlinkSource:
         return out
 
     def stats(self) -> SourceStats:
-        if self._events_sock is not None and self._proc_netlink is not None:
-            inode = os.fstat(self._events_sock.fileno()).st_ino
-            self._stats.extra["dropped_messages"] = _socket_drops(self._proc_netlink, inode)
+        """``lost`` is messages lost: the socket's drop count once the kernel gave one."""
+        drops = self._drops()
+        if drops is not None:
+            self._stats.extra["dropped_messages"] = drops
+            # Drops after the overflow that was read (the buffer stays congested until
+            # drained) show only in sk_drops: lost is never below it.
+            self._stats.lost = max(self._stats.lost, drops)
+        elif self._events_sock is not None:
+            self._stats.extra["dropped_messages"] = -1
         self._stats.extra["malformed"] = self._malformed
         self._stats.extra["dump_filtered"] = self._dump_filtered
         return self._stats
@@ -220,6 +228,24 @@ class NetlinkSource:
             self._proc_netlink = None
 
     # --- internals -------------------------------------------------------------
+
+    def _drops(self) -> int | None:
+        """The event socket's sk_drops (messages netlink_overrun() dropped); None: unknown."""
+        if self._events_sock is None or self._proc_netlink is None:
+            return None
+        inode = os.fstat(self._events_sock.fileno()).st_ino
+        drops = _socket_drops(self._proc_netlink, inode)
+        return drops if drops >= 0 else None
+
+    def _missed_since_last(self) -> int:
+        """Messages dropped since the last overflow was reported: sk_drops' growth (at
+        least 1, as ENOBUFS means one was); 1 when the kernel does not say."""
+        drops = self._drops()
+        if drops is None:
+            return 1
+        missed = max(1, drops - self._drops_counted)
+        self._drops_counted = max(drops, self._drops_counted + 1)
+        return missed
 
     def _setup_event_socket(self, sock: socket.socket) -> None:
         self._stats.extra["rcvbuf_bytes"] = _set_rcvbuf(sock, self._rcvbuf)
