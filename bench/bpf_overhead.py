@@ -1,7 +1,8 @@
 """What the bpf source costs the traffic it watches: lab connection rate with its probes ÷ without.
 
 This machine's kernel has no kprobes, so this runs in the VM tier's guest:
-Debian's kernel booted once under virtme-ng with TCG emulation
+one of Debian's kernels the VM tier names (6.1, 6.12) booted once under
+virtme-ng with TCG emulation
 (tests/vm/run_vm_tier.py boots it; the guest sees this repository and its
 venv). Host side, :func:`run_in_vm` boots it and reads the result the guest
 left in the shared directory; guest side (``python -m bench.bpf_overhead
@@ -382,30 +383,39 @@ class BpfOverhead:
         return {k: v / conns for k, v in total.most_common()}
 
 
-def run_in_vm(work: Path, *, pairs: int = 3, seconds: float = 5.0,
+def vm_kernels() -> list[str]:
+    """The kernels the VM tier boots (``KERNELS`` in tests/vm/run_vm_tier.py), by name."""
+    sys.path.insert(0, str(ROOT))
+    from tests.vm import run_vm_tier as vm
+
+    return list(vm.KERNELS)
+
+
+def run_in_vm(work: Path, *, kernel: str = "6.1", pairs: int = 3, seconds: float = 5.0,
               timeout: float = VM_TIMEOUT_S,
               log: Callable[[str], None] = print) -> BpfOverhead | str:
-    """Boot the VM tier's kernel once and run the guest side; the result, or why not."""
+    """Boot the VM tier's kernel ``kernel`` (a name from vm_kernels()) once and run the guest
+    side; the result, or why not."""
     sys.path.insert(0, str(ROOT))
     from tests.vm import run_vm_tier as vm
 
     try:
-        kernel = vm.find_kernel(None)
+        image = vm.find_kernel(kernel)
         vng, env = vm.find_vng()
     except vm.SetupError as exc:
         return f"the VM cannot start: {exc}"
-    out = work / "bpf-vm"
+    out = work / f"bpf-vm-{kernel}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     guest = (f"cd {shlex.quote(str(ROOT))} && PYTHONDONTWRITEBYTECODE=1 "
              + shlex.join([sys.executable, "-m", "bench.bpf_overhead", "guest", "--out",
                            str(out), "--pairs", str(pairs), "--seconds", str(seconds)]))
-    cmd = vm.vng_argv(vng, kernel, out, guest, "3G", 2)
-    console = work / "bpf-vm.log"
+    cmd = vm.vng_argv(vng, image, out, guest, "3G", 2)
+    console = work / f"bpf-vm-{kernel}.log"
     load0 = os.getloadavg()[0]
     try:
         with console.open("wb") as f:
-            wall = vm.boot_vm(cmd, kernel, env, timeout, output=f)
+            wall = vm.boot_vm(cmd, image, env, timeout, output=f)
     except OSError as exc:
         return f"the VM cannot start: {exc}"
     if wall is None:
@@ -429,6 +439,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0)
     p = sub.add_parser("vm", help="boot the VM, run the guest side, print the result")
+    p.add_argument("--kernel", default="6.1", help="the VM tier's kernel to boot (6.1, 6.12)")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--work", type=Path, default=Path("/tmp/cttrace-bench"))
@@ -436,7 +447,7 @@ def main() -> None:
     if opts.mode == "guest":
         sys.exit(guest_main(opts.out, opts.pairs, opts.seconds))
     opts.work.mkdir(parents=True, exist_ok=True)
-    res = run_in_vm(opts.work, pairs=opts.pairs, seconds=opts.seconds)
+    res = run_in_vm(opts.work, kernel=opts.kernel, pairs=opts.pairs, seconds=opts.seconds)
     print(json.dumps(asdict(res), indent=1) if isinstance(res, BpfOverhead) else res)
 
 

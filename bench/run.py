@@ -13,7 +13,7 @@ comparison, and quoted as medians:
 4. lab storms (bench/storm.py, root): cttrace's netlink source vs ``conntrack -E``
    on the same storm at increasing rates: events delivered vs lost, CPU;
 5. detection latency (bench/storm.py): first reply -> finding -> Alertmanager;
-6. the bpf source's overhead (bench/bpf_overhead.py): one boot of the VM tier's kernel
+6. the bpf source's overhead (bench/bpf_overhead.py): one boot of each of the VM tier's kernels
    under emulation, lab connection rate with the probes attached / without,
    alternating rounds; records emitted and filtered in the kernel.
 
@@ -255,9 +255,11 @@ def render(info: str, sections: dict[str, object], cmd: str) -> tuple[str, str]:
         body += ["## Lab storms and latency", "", f"Not run: {lab}.", ""]
         goals.append(("netlink source under a storm; latency", "see docs/DESIGN.md",
                       f"not run: {lab}", "n/a"))
-    bpf_goal, bpf_body = _bpf_section(sections.get("bpf"))
-    goals.append(bpf_goal)
-    body += bpf_body
+    bpf_runs = sections.get("bpf")
+    for kernel, bpf in (bpf_runs.items() if isinstance(bpf_runs, dict) else [("", bpf_runs)]):
+        bpf_goal, bpf_body = _bpf_section(bpf, kernel)
+        goals.append(bpf_goal)
+        body += bpf_body
 
     table = ["| what | goal | measured | |", "|---|---|---|---|"]
     table += [f"| {w} | {g} | {m} | {v} |" for w, g, m, v in goals]
@@ -274,13 +276,16 @@ _KINDS = (("CtEvent.NEW", "conntrack NEW"), ("CtEvent.UPDATE", "conntrack UPDATE
           ("TcpReset", "reset"))
 
 
-def _bpf_section(bpf: object) -> tuple[tuple[str, str, str, str], list[str]]:
-    """The goal row and the RESULTS.md section for the bpf source's overhead."""
-    what, goal = "bpf source: conn rate with probes ÷ without", "≥ 0.97"
+def _bpf_section(bpf: object, kernel: str) -> tuple[tuple[str, str, str, str], list[str]]:
+    """The goal row and the RESULTS.md section for the bpf source's overhead on the VM
+    tier's kernel ``kernel`` (its name; "" when none was booted)."""
+    on = f" on {bpf.kernel if isinstance(bpf, bpf_overhead.BpfOverhead) else kernel}" \
+        if kernel else ""
+    what, goal = f"bpf source{on}: conn rate with probes ÷ without", "≥ 0.97"
     if not isinstance(bpf, bpf_overhead.BpfOverhead):
         why = bpf if isinstance(bpf, str) else "not run"
         return ((what, goal, f"not measured: {why}", "n/a"),
-                ["## bpf source overhead (VM tier)", "", f"Not measured: {why}.", ""])
+                [f"## bpf source overhead{on} (VM tier)", "", f"Not measured: {why}.", ""])
     withs, only = bpf.rounds_of("with"), bpf.rounds_of("probes-only")
     attached = withs + only
     rate_off = statistics.median(r["rate"] for r in bpf.rounds_of("without"))
@@ -297,7 +302,7 @@ def _bpf_section(bpf: object) -> tuple[tuple[str, str, str, str], list[str]]:
                 f"{emitted:.1f} records emitted, {filtered:.1f} filtered in the kernel, "
                 f"{_n(lost)} lost")
     body = [
-        "## bpf source overhead (VM tier, TCG emulation)", "",
+        f"## bpf source overhead on {bpf.kernel} (VM tier, TCG emulation)", "",
         f"This machine's kernel has no kprobes, so this runs in the VM tier's guest: Debian's "
         f"{bpf.kernel} booted once by virtme-ng with TCG emulation ({bpf.cpus} vCPUs on this "
         "machine's cores, which other work shares), on this machine's root filesystem "
@@ -415,7 +420,7 @@ def update_readme(table: str) -> None:
                    "the userspace pipeline, the identity index, the decoder, the netlink\n"
                    "source against `conntrack -E` under a lab connection storm, detection\n"
                    "latency to a real Alertmanager, and the bpf source's cost to a lab storm in\n"
-                   "one boot of the VM tier's kernel (emulated; `--skip-vm` leaves it out).\n"
+                   "one boot of each VM tier kernel (emulated; `--skip-vm` leaves it out).\n"
                    "It writes [bench/RESULTS.md](bench/RESULTS.md) (every table, with how each\n"
                    "was measured) and the summary below.\n"
                    f"\n{block}\n\n")
@@ -456,8 +461,9 @@ def main() -> None:
     if opts.skip_vm:
         sections["bpf"] = "--skip-vm given"
     else:
-        steps.append(("bpf", lambda: bpf_overhead.run_in_vm(
-            opts.work, pairs=2 if quick else 3, seconds=3.0 if quick else 5.0, log=log)))
+        steps.append(("bpf", lambda: {kernel: bpf_overhead.run_in_vm(
+            opts.work, kernel=kernel, pairs=2 if quick else 3, seconds=3.0 if quick else 5.0,
+            log=log) for kernel in bpf_overhead.vm_kernels()}))
     if opts.only:
         steps = [(name, fn) for name, fn in steps if name in opts.only]
         for name in SECTIONS:

@@ -5,9 +5,13 @@
 #
 #   qemu-system-x86      the emulator (TCG: KVM does not boot on these machines)
 #   busybox-static       virtme-ng's initramfs (Debian's 9p/virtio drivers are modules)
-#   linux-image-amd64    Debian's kernel, with kprobes; booted in the VM, never on the host
+#   linux-image-amd64    Debian's 6.1 kernel, with kprobes; booted in the VM, never on the host
 #   linux-headers-amd64  its headers, for BCC in the guest (the metapackages pull the
 #                        same version of both: /boot/vmlinuz-<v> and /lib/modules/<v>/build)
+#   linux-image-6.12-amd64, linux-headers-6.12-amd64
+#                        Debian's 6.12 line (bookworm's archive; Debian 13's kernel) and its
+#                        headers: the VM tier boots both kernels (KERNELS in
+#                        tests/vm/run_vm_tier.py), one boot each
 #   python3-bpfcc        BCC (the venv sees it through --system-site-packages)
 #   bpftool              the tier checks that no cttrace program outlives SIGTERM
 #   gcc                  the unit tier compiles bpf/cttrace.h to check the Python mirror
@@ -19,8 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VIRTME_NG_VERSION=${VIRTME_NG_VERSION:-1.42}
-pkgs=(qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64 python3-bpfcc
-      bpftool gcc)
+pkgs=(qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64
+      linux-image-6.12-amd64 linux-headers-6.12-amd64 python3-bpfcc bpftool gcc)
 
 installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
@@ -42,19 +46,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   done
   # The kernel's postinst builds an initramfs for a machine that never boots it:
   # harmless, and virtme-ng builds its own.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The headers metapackage must match an installed image: BCC in the guest compiles
-# against /lib/modules/<v>/build of the kernel that runs there.
-kernel=""
-for image in /boot/vmlinuz-*; do
-  v=${image#/boot/vmlinuz-}
-  [ -f "/lib/modules/$v/build/include/generated/autoconf.h" ] && kernel=$v
-done
-if [ -z "$kernel" ]; then
-  echo "vm-setup: no /boot/vmlinuz-<v> has headers in /lib/modules/<v>/build;" \
+# Each kernel the VM tier boots needs an image with matching headers: BCC in the
+# guest compiles against /lib/modules/<v>/build of the kernel that runs there.
+if ! lacking=$(python3 -c 'import sys; sys.path.insert(0, "tests/vm")
+from run_vm_tier import KERNELS, installed_kernel
+print(" ".join(f"{k} (/boot/vmlinuz-{p})" for k, p in KERNELS.items() if installed_kernel(k) is None))'
+); then
+  exit 1
+fi
+if [ -n "$lacking" ]; then
+  echo "vm-setup: no image with headers in /lib/modules/<v>/build for kernel(s) $lacking;" \
        "apt-get install linux-headers-<v> for the installed linux-image" >&2
   exit 1
 fi

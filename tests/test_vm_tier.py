@@ -1,11 +1,15 @@
-"""The VM tier, seen from the host: one boot of Debian's kernel runs every test in tests/vm.
+"""The VM tier, seen from the host: one boot of each of Debian's kernels runs every test in
+tests/vm.
 
-This machine's kernel has no kprobes, so the BCC source is tested in Debian's
-``linux-image-amd64`` booted by virtme-ng under emulation
-(tests/vm/run_vm_tier.py; scripts/vm-setup.sh installs what it needs). The
-boot and the BCC compile cost minutes, so the whole guest run happens once
-per pytest session (a session fixture) and each guest test is reported here
-as a host test of the same name, failing with the guest's own message.
+This machine's kernel has no kprobes, so the BCC source is tested in the kernels
+tests/vm/run_vm_tier.py names (``KERNELS``: Debian's 6.1 and 6.12) booted by
+virtme-ng under emulation (scripts/vm-setup.sh installs them). The boot and the
+BCC compile cost minutes, so the whole guest run happens once per kernel per
+pytest session (a session fixture, parametrized by kernel: pytest runs all of one
+kernel's tests before the next boot) and each guest test is reported here as a
+host test of the same name with the kernel's release as its parameter
+(``test_programs_load_and_attach[6.12.118+deb12-amd64]``), failing with the
+guest's own message.
 
 The guest tests are listed by reading tests/vm/test_*.py (their top-level
 ``test_*`` functions), so a test that the guest did not report (it crashed,
@@ -20,10 +24,13 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.vm.run_vm_tier import KERNELS, installed_kernel, kernel_release
 
 REPO = Path(__file__).resolve().parents[1]
 VM_DIR = REPO / "tests" / "vm"
@@ -51,6 +58,8 @@ class TierRun:
     rc: int
     output: str
     out_dir: Path
+    expected_release: str
+    """The release this run was to boot (the test id; the kernel's name when not installed)."""
     results: dict[str, tuple[str, str]] = field(default_factory=dict)
     """``module::test`` -> (outcome: passed|failed|error|skipped, message)."""
 
@@ -75,17 +84,34 @@ def _parse_junit(path: Path) -> dict[str, tuple[str, str]]:
     return results
 
 
-@pytest.fixture(scope="session")
-def vm_tier(tmp_path_factory: pytest.TempPathFactory) -> TierRun:
-    """Boot once and run every guest test (tests/vm/run_vm_tier.py)."""
-    out_dir = tmp_path_factory.mktemp("vm")
+def kernel_ids() -> dict[str, str]:
+    """Test id -> kernel name: the release the VM tier boots for each of KERNELS, or the
+    name alone when that kernel is not installed (its tests then fail or skip saying so)."""
+    ids = {}
+    for name in KERNELS:
+        image = installed_kernel(name)
+        ids[kernel_release(image) if image else name] = name
+    return ids
+
+
+KERNEL_IDS = kernel_ids()
+
+
+@pytest.fixture(scope="session", params=list(KERNEL_IDS))
+def vm_tier(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> TierRun:
+    """Boot the kernel once and run every guest test (tests/vm/run_vm_tier.py)."""
+    kernel = KERNEL_IDS[request.param]
+    out_dir = tmp_path_factory.mktemp(f"vm-{kernel}")
     log = out_dir / "runner.log"
     with open(log, "wb") as f:
-        proc = subprocess.run([sys.executable, str(RUNNER), "--out", str(out_dir / "guest")],
+        proc = subprocess.run([sys.executable, str(RUNNER), "--kernel", kernel,
+                               "--out", str(out_dir / "guest")],
                               stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                               cwd=REPO, timeout=TIER_TIMEOUT_S - 60, check=False)
     output = log.read_text(errors="replace")
-    run = TierRun(rc=proc.returncode, output=output, out_dir=out_dir)
+    run = TierRun(rc=proc.returncode, output=output, out_dir=out_dir,
+                  expected_release=request.param)
     if proc.returncode == SETUP_FAILED:
         reason = next((line for line in output.splitlines() if "cannot run" in line),
                       output.strip()[-500:])
@@ -100,8 +126,8 @@ def vm_tier(tmp_path_factory: pytest.TempPathFactory) -> TierRun:
     return run
 
 
-@pytest.mark.parametrize("name", guest_tests())
-def test_in_vm(vm_tier: TierRun, name: str) -> None:
+def check_guest_test(vm_tier: TierRun, name: str) -> None:
+    """Pass, fail or skip as guest test ``name`` (``module::test``) did in the VM."""
     if name not in vm_tier.results:
         pytest.fail(f"the guest reported no result for {name} (runner exit {vm_tier.rc}; "
                     f"results in {vm_tier.out_dir}):\n{vm_tier.tail()}", pytrace=False)
@@ -114,9 +140,28 @@ def test_in_vm(vm_tier: TierRun, name: str) -> None:
         pytest.fail(f"{outcome} in the VM:\n{message}", pytrace=False)
 
 
+def _host_test(name: str) -> Callable[[TierRun], None]:
+    def host_test(vm_tier: TierRun) -> None:
+        check_guest_test(vm_tier, name)
+
+    host_test.__name__ = host_test.__qualname__ = name.split("::", 1)[1]
+    host_test.__doc__ = f"tests/vm/{name.replace('::', '.py::')}, run in the VM."
+    return host_test
+
+
+# One host test per guest test, under the guest test's own name.
+for _name in guest_tests():
+    _test = _host_test(_name)
+    assert _test.__name__ not in globals(), f"two guest tests are named {_test.__name__}"
+    globals()[_test.__name__] = _test
+
+
 def test_vm_run_was_clean(vm_tier: TierRun) -> None:
     """The guest's pytest exited 0 and reported nothing besides the known tests
-    (a collection error shows up as an unknown test)."""
+    (a collection error shows up as an unknown test), in the kernel it was to boot."""
     unknown = sorted(set(vm_tier.results) - set(guest_tests()))
     assert not unknown, f"the guest reported tests this file does not know: {unknown}"
+    booted = vm_tier.out_dir / "guest" / "kernel"
+    assert booted.exists() and booted.read_text().strip() == vm_tier.expected_release, (
+        f"the guest did not run {vm_tier.expected_release}")
     assert vm_tier.rc == 0, f"guest run exit {vm_tier.rc}:\n{vm_tier.tail()}"

@@ -162,7 +162,8 @@ def test_badly_configured_node_fails_with_fixes_that_work(node: Node) -> None:
     code, doc = doctor_json(node, "--ip-cooldown", "30", "--sample-seconds", "0.2")
     assert_schema(doc, node.ns)
     assert code == 0, [c for c in doc["checks"] if c["verdict"] not in ("pass", "info")]
-    assert {c["verdict"] for c in doc["checks"]} <= {"pass", "info"}
+    # bpf-source is about this machine's kernel (no kprobes: warn), not the namespace.
+    assert {c["verdict"] for c in doc["checks"] if c["id"] != "bpf-source"} <= {"pass", "info"}
     # ... and the namespace really is configured well now.
     assert node.read_sysctl(SYN_SENT) == "20"
     assert node.read_sysctl(BRNF) == "1"

@@ -12,6 +12,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 
 echo "cttrace-vm: guest up $(cut -d' ' -f1 /proc/uptime) s after boot, kernel $(uname -r)"
 cut -d' ' -f1 /proc/uptime > "$out/boot_s"
+uname -r > "$out/kernel"
 
 # On Debian's kernel these are modules, and a kprobe on a function of a
 # module that is not loaded yet cannot be attached.

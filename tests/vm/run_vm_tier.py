@@ -1,14 +1,15 @@
-"""Boot Debian's kernel once under virtme-ng and run the whole VM tier inside it.
+"""Boot one of Debian's kernels once under virtme-ng and run the whole VM tier inside it.
 
 This machine's own kernel has no kprobes, so the BCC programs are tested in
-Debian's ``linux-image-amd64`` booted by virtme-ng with TCG emulation
+Debian's kernels (:data:`KERNELS`: bookworm's 6.1 and its 6.12 line, one boot
+each, named by ``--kernel``) booted by virtme-ng with TCG emulation
 (``--disable-kvm``: KVM does not boot here). The guest runs on the host's
 root filesystem (copy-on-write), so it sees this repository, its venv, BCC
 and the kernel headers where the host has them; one directory is shared
 read-write for the results (exit code, junit XML, timings, recorded BPF
 samples).
 
-    python tests/vm/run_vm_tier.py [--kernel /boot/vmlinuz-X] [--record] [--out DIR]
+    python tests/vm/run_vm_tier.py [--kernel 6.1|6.12|/boot/vmlinuz-X] [--record] [--out DIR]
                                    [-- pytest args]
 
 Exit code: the guest's pytest exit code; 2 when the VM cannot be started
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,31 +44,52 @@ class SetupError(Exception):
     """Something the VM tier needs is missing; the message says what to install."""
 
 
-def find_kernel(explicit: str | None) -> Path:
-    """The kernel image to boot: ``explicit``, else the newest /boot/vmlinuz-* with headers.
+#: The kernels the VM tier boots, one boot each, by name -> the release pattern of their
+#: /boot/vmlinuz-<release>: Debian bookworm's own kernel (linux-image-amd64) and the 6.12
+#: line Debian 13 runs, from bookworm's archive (linux-image-6.12-amd64).
+#: scripts/vm-setup.sh installs both with their headers; the README's "Kernels" table
+#: lists exactly these (tests/unit/test_kernels_table.py).
+KERNELS = {"6.1": "6.1.0-*-amd64", "6.12": "6.12.*+deb12-amd64"}
 
-    Headers are required because BCC in the guest compiles against
-    /lib/modules/<version>/build, and the running kernel is skipped because
-    it is the one without kprobes.
-    """
-    if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise SetupError(f"kernel image {path} does not exist")
-        return path
-    running = os.uname().release
-    candidates = []
-    for image in sorted(Path("/boot").glob("vmlinuz-*")):
-        version = image.name.removeprefix("vmlinuz-")
-        build = Path("/lib/modules") / version / "build"
-        if version != running and (build / "include" / "generated" / "autoconf.h").is_file():
-            candidates.append(image)
-    if not candidates:
-        raise SetupError(
-            "no kernel image with headers in /boot (need /boot/vmlinuz-<v> and "
-            "/lib/modules/<v>/build): run scripts/vm-setup.sh"
-        )
-    return candidates[-1]
+
+def _release_key(release: str) -> list[int]:
+    """Numeric sort key of a release (6.12.118+deb12-amd64 -> [6, 12, 118, 12])."""
+    return [int(part) for part in re.findall(r"\d+", release)]
+
+
+def _has_headers(release: str) -> bool:
+    """BCC in the guest compiles against /lib/modules/<release>/build."""
+    build = Path("/lib/modules") / release / "build"
+    return (build / "include" / "generated" / "autoconf.h").is_file()
+
+
+def installed_kernel(name: str, boot: Path = Path("/boot")) -> Path | None:
+    """The newest /boot/vmlinuz-* of kernel ``name`` (a key of KERNELS) that has headers."""
+    images = [image for image in boot.glob(f"vmlinuz-{KERNELS[name]}")
+              if _has_headers(image.name.removeprefix("vmlinuz-"))]
+    return max(images, key=lambda image: _release_key(image.name), default=None)
+
+
+def find_kernel(kernel: str) -> Path:
+    """The kernel image to boot: a name from KERNELS (its newest installed image with
+    headers), or a path to a vmlinuz."""
+    if kernel in KERNELS:
+        image = installed_kernel(kernel)
+        if image is None:
+            raise SetupError(
+                f"kernel {kernel} is not installed with its headers (no /boot/vmlinuz-"
+                f"{KERNELS[kernel]} with /lib/modules/<release>/build): run scripts/vm-setup.sh"
+            )
+        return image
+    path = Path(kernel)
+    if not path.is_file():
+        raise SetupError(f"kernel {kernel} is neither one of {', '.join(KERNELS)} nor an "
+                         "existing kernel image")
+    return path
+
+
+def kernel_release(image: Path) -> str:
+    return image.name.removeprefix("vmlinuz-")
 
 
 def find_vng() -> tuple[Path, dict[str, str]]:
@@ -173,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", help="kernel image (default: newest /boot/vmlinuz-* "
-                        "with headers, other than the running one)")
+    parser.add_argument("--kernel", default="6.1",
+                        help=f"the kernel to boot: {' or '.join(KERNELS)} (its newest installed "
+                        "image with headers), or a path to a vmlinuz (default 6.1)")
     parser.add_argument("--memory", default="3G", help="guest memory (default 3G)")
     parser.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,

@@ -19,6 +19,11 @@
  * filtered by network namespace: on a node, clients live in pod namespaces
  * while the entries they create live in the node's.  IPv4 only (the record
  * holds IPv4 addresses; tcp_v6_connect also ends in tcp_connect).
+ *
+ * Debian 6.1 and 6.12 (the VM tier's kernels): int tcp_connect(struct sock *sk)
+ * in both (include/net/tcp.h), a global text symbol of vmlinux in both; the
+ * struct sock_common fields read here (skc_family, skc_num, skc_dport,
+ * skc_daddr, skc_rcv_saddr, skc_net) are unchanged between them.
  */
 #include "cttrace.h"
 

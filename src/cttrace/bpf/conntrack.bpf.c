@@ -13,6 +13,18 @@
  * graceful close must not read as a live connection to a pod that is gone).
  * All three functions are global symbols of the nf_conntrack module: load it
  * before attaching.
+ *
+ * Kernels compared (Debian 6.1.0-57 and 6.12.118+deb12, the two the VM tier
+ * boots): the three signatures are the same in both header trees
+ * (int __nf_conntrack_confirm(struct sk_buff *skb); int nf_conntrack_tcp_packet(
+ * struct nf_conn *ct, struct sk_buff *skb, unsigned int dataoff, enum
+ * ip_conntrack_info ctinfo, const struct nf_hook_state *state); bool
+ * nf_ct_delete(struct nf_conn *ct, u32 portid, int report)), all three are
+ * global text symbols (T) of nf_conntrack.ko in both (6.1 also has
+ * __nf_conntrack_confirm.cold and nf_conntrack_tcp_packet.cold, local
+ * split-off parts the probes do not touch), and struct nf_conn and
+ * struct ip_ct_tcp are declared identically in both; the field offsets come
+ * from the running kernel's headers at compile time either way.
  */
 #include "cttrace.h"
 

@@ -12,6 +12,18 @@
  * "trace: tcp: fully support trace_tcp_send_reset") the tcp_send_reset
  * tracepoint requires a socket and never sees that case, so the kprobe is
  * preferred whenever tcp_v4_send_reset can be probed; userspace decides.
+ *
+ * Debian 6.1 and 6.12 (the VM tier's kernels) differ here.  tcp_v4_send_reset
+ * is a local (static) text symbol of net/ipv4/tcp_ipv4.c in both, traceable in
+ * both; since v6.10 it takes a third argument, enum sk_rst_reason reason,
+ * which the kprobe does not read (its first two are unchanged).  The
+ * tcp:tcp_send_reset tracepoint is a DEFINE_EVENT of class tcp_event_sk_skb
+ * on 6.1 (fields skaddr, family, sport, dport, saddr_v6, daddr_v6, ...) but a
+ * TRACE_EVENT of its own on 6.12 (skbaddr, skaddr, state, reason, saddr and
+ * daddr as struct sockaddr_in6 bytes; no family, sport, dport, saddr_v6), so
+ * the CTT_SEND_RESET_TRACEPOINT variant below only compiles where the old
+ * fields exist; on 6.12 the kprobe is what runs.  tcp:tcp_receive_reset is
+ * a DEFINE_EVENT of class tcp_event_sk with the same fields in both.
  */
 #include "cttrace.h"
 

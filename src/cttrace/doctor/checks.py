@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cttrace.ctstats import counter_deltas
+from cttrace.doctor.bpfsource import CHECK_ID as BPF_SOURCE
+from cttrace.doctor.bpfsource import BpfReadiness, check_bpf_source
 from cttrace.doctor.cooldown import COOLDOWN_ENV, IpCooldown
 from cttrace.doctor.model import CheckResult, Verdict
 from cttrace.doctor.natrules import (
@@ -54,6 +56,8 @@ _PERMISSION_WORDS = ("permission denied", "operation not permitted")
 class DoctorOptions:
     cooldown: IpCooldown
     sample_seconds: float = 2.0  # how long insert-failed watches the counters grow
+    # Looks at the node for the bpf-source check (cttrace.doctor.bpfsource); None: not run.
+    bpf_readiness: Callable[[], BpfReadiness] | None = None
 
 
 class _Fixes:
@@ -474,4 +478,7 @@ def run_checks(
         results.extend(check_window_sysctls(reader))
     except (ReadError, ValueError) as exc:
         results.append(CheckResult("window-sysctls", Verdict.ERROR, str(exc)))
+    if options.bpf_readiness is not None:
+        probe = options.bpf_readiness
+        results.append(_guarded(BPF_SOURCE, lambda: check_bpf_source(probe())))
     return tuple(results)

@@ -17,6 +17,7 @@ from typing import IO, Annotated, Literal
 
 import typer
 
+from cttrace.doctor.bpfsource import BpfReadiness, probe_bpf_readiness
 from cttrace.doctor.checks import DoctorOptions, run_checks
 from cttrace.doctor.cooldown import resolve_ip_cooldown
 from cttrace.doctor.model import ExitCode, Report
@@ -41,17 +42,22 @@ def doctor(
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    bpf_readiness: Callable[[], BpfReadiness] | None = None,
 ) -> int:
     """Run every check and print the report; returns the exit code.
 
-    ``reader`` replaces the live kernel (tests); problems the user can fix
+    ``reader`` replaces the live kernel (tests), and with it the bpf-source check's
+    look at the node, unless ``bpf_readiness`` is given too; problems the user can fix
     (missing namespace, not root) are printed as one line on stderr with exit 2.
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     try:
+        if bpf_readiness is None and reader is None:
+            bpf_readiness = probe_bpf_readiness
         options = DoctorOptions(
-            cooldown=resolve_ip_cooldown(ip_cooldown, kubeconfig), sample_seconds=sample_seconds
+            cooldown=resolve_ip_cooldown(ip_cooldown, kubeconfig), sample_seconds=sample_seconds,
+            bpf_readiness=bpf_readiness,
         )
         report = _report(reader if reader is not None else LiveReader(netns), options, sleep)
     except UserError as exc:

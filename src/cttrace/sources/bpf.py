@@ -33,6 +33,7 @@ from cttrace.errors import SourceError
 from cttrace.events import Event, Lost
 from cttrace.rules import UNREPLIED_TCP_STATES, WANTED_TCP_STATES
 from cttrace.sources import SourceStats
+from cttrace.sources.bcc_compile import CompileFailed, compile_program
 from cttrace.sources.bpf_layout import (
     CNT_FILTERED,
     CNT_FILTERED_TRANSITION,
@@ -420,27 +421,17 @@ class BpfSource:
 
 
 def _compile(bpf_class: Any, text: str, features: BpfFeatures) -> Any:
-    """BPF(text=...) with headers from ``features``; compile and load errors become SourceError."""
-    saved = os.environ.get("BCC_KERNEL_SOURCE")
-    if features.headers_dir is not None:
-        os.environ["BCC_KERNEL_SOURCE"] = str(features.headers_dir)
+    """BPF(text=...) with headers from ``features`` (cttrace.sources.bcc_compile supplies
+    what BCC's headers lack); compile and load errors become a one-line SourceError."""
     try:
-        return bpf_class(text=text.encode())
-    except Exception as exc:  # BCC raises bare Exception for compile and load errors
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Operation not permitted" in message:
+        return compile_program(bpf_class, text, features.release, features.headers_dir).module
+    except CompileFailed as exc:
+        if "Operation not permitted" in str(exc):
             raise SourceError(
-                f"EPERM loading cttrace's BPF programs ({message[:200]}): run as root "
+                f"EPERM loading cttrace's BPF programs ({exc}): run as root "
                 "with CAP_SYS_ADMIN (or CAP_BPF + CAP_PERFMON)"
             ) from exc
         raise SourceError(
             f"BCC could not compile or load cttrace's BPF programs on {features.release}: "
-            f"{message[:200]} (BCC's compiler messages are above; `cttrace watch --dump-bpf` "
-            "prints the program)"
+            f"{exc} (`cttrace watch --dump-bpf` prints the program)"
         ) from exc
-    finally:
-        if features.headers_dir is not None:
-            if saved is None:
-                os.environ.pop("BCC_KERNEL_SOURCE", None)
-            else:
-                os.environ["BCC_KERNEL_SOURCE"] = saved
