@@ -336,7 +336,7 @@ def explain(
         allow_dash=True)],
     tuple_: Annotated[str | None, typer.Option(
         "--tuple", help="Only the entry of this client tuple: SRC:SPORT or "
-        "SRC:SPORT->DST:DPORT.")] = None,
+        "SRC:SPORT->DST:DPORT; IPv6 as [SRC]:SPORT.")] = None,
     entry: Annotated[int | None, typer.Option("--entry", help="Only this conntrack entry id.")
                      ] = None,
     rule: Annotated[str | None, typer.Option("--rule", help="Only findings of this rule.")

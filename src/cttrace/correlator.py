@@ -17,6 +17,7 @@ import collections
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cttrace import addr
 from cttrace.events import (
     CtEvent,
     CtKind,
@@ -318,7 +319,8 @@ class Correlator:
         new_owner = self.identity.owner_at(entry.target_ip, t1) if self.identity else None
         summary = (
             f"{_who(client, entry.orig.src)} -> {_svc(service, entry.orig)}: entry stayed "
-            f"unreplied {unreplied:.1f}s, then {entry.target_ip}:{entry.target_port} answered "
+            f"unreplied {unreplied:.1f}s, then "
+            f"{addr.endpoint(entry.target_ip, entry.target_port)} answered "
             "on the old DNAT decision (a retry from the same source port inherits it)"
         )
         return _finding(
@@ -390,7 +392,7 @@ class Correlator:
         assert identity is not None
         client, service, _ = self._names(entry, entry.created)
         severity = Severity.CRITICAL if endpoint is False else Severity.WARNING
-        where = f"{entry.target_ip}:{entry.target_port}"
+        where = addr.endpoint(entry.target_ip, entry.target_port)
         if new is None:
             reached = f"an unknown owner of {where} (no pod held it when it answered)"
         elif endpoint is False:
@@ -489,7 +491,8 @@ class Correlator:
         state = state_name(entry.state)
         summary = (
             f"{_who(client, entry.orig.src)} -> {_svc(service, entry.orig)}: the conntrack entry "
-            f"({state}) still sends to {entry.target_ip}:{entry.target_port}, but pod {chosen} is "
+            f"({state}) still sends to {addr.endpoint(entry.target_ip, entry.target_port)}, "
+            f"but pod {chosen} is "
             f"gone for {now - gone_at:.1f}s; its packets go into the void until the entry or "
             "the client's connection dies"
         )
@@ -563,10 +566,11 @@ class Correlator:
     def _unnated(self, entry: Entry, owner: PodRef | None, client: PodRef | None,
                  service: ServiceRef | None, now: float, *, evidence: str,
                  pid: int = 0, comm: str = "") -> Finding:
-        target = f"{entry.target_ip}:{entry.target_port}"
+        target = addr.endpoint(entry.target_ip, entry.target_port)
         if evidence == "rst":
             what = (f"the client reset {target}: the backend's reply arrived un-NATed "
-                    f"(from the pod IP instead of {entry.orig.dst}:{entry.orig.dport})")
+                    "(from the pod IP instead of "
+                    f"{addr.endpoint(entry.orig.dst, entry.orig.dport)})")
             severity = Severity.CRITICAL
         else:
             what = (f"live endpoint {owner} at {target} never got a reply through conntrack "
@@ -620,10 +624,11 @@ class Correlator:
         age = sock.ts - entry.created
         by = f"pid {creator.pid} ({creator.comm})" if creator else "an earlier socket"
         summary = (
-            f"pid {sock.pid} ({sock.comm}) connected {entry.orig.src}:{entry.orig.sport} -> "
+            f"pid {sock.pid} ({sock.comm}) connected "
+            f"{addr.endpoint(entry.orig.src, entry.orig.sport)} -> "
             f"{_svc(service, entry.orig)} and inherited an unreplied conntrack entry created "
             f"{age:.1f}s earlier by {by}: it reuses the old DNAT decision to "
-            f"{entry.target_ip}:{entry.target_port}"
+            f"{addr.endpoint(entry.target_ip, entry.target_port)}"
         )
         sockets: dict[str, object] = {"new": _sock_json(sock)}
         if creator is not None:
@@ -749,7 +754,7 @@ def _who(client: PodRef | None, ip: str) -> str:
 
 
 def _svc(service: ServiceRef | None, orig: Flow) -> str:
-    vip = f"{orig.dst}:{orig.dport}"
+    vip = addr.endpoint(orig.dst, orig.dport)
     return f"Service {service} ({vip})" if service is not None else vip
 
 
