@@ -227,6 +227,9 @@ def demo(
     late_after: LateAfterOpt = 3.0,
     identity_grace: GraceOpt = 5.0,
     dead_after: DeadAfterOpt = 5.0,
+    family: Annotated[str, typer.Option(
+        "--family", help="The lab node's IP family: 4, 6 or dual (both; the connections use "
+        "IPv6).")] = "4",
 ) -> None:
     """Reproduce a conntrack failure in a network-namespace lab on this kernel and watch
     cttrace name it. Needs root; leaves nothing behind."""
@@ -241,7 +244,7 @@ def demo(
     stop = threading.Event()
     try:
         with _stop_on_signals(stop):
-            code = run_demo(scenario, opts, stop)
+            code = run_demo(scenario, opts, stop, family=family)
     except UserError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
