@@ -27,8 +27,10 @@ route whose handler, ip_error(), counts them (IpInAddrErrors) and drops them
 the client's SYN is confirmed in the node's conntrack and stays SYN_SENT. And
 since the node's only way out is the fabric, no lab packet can ever reach the
 machine's real network. IPv6 alike: the node's IPv6 default route also ends in
-the fabric, whose forwarding is off, so ip6_forward() counts such a packet
-(Ip6InAddrErrors) and drops it without an ICMPv6 error.
+the fabric. There a route lookup that finds nothing answers with an ICMPv6
+"no route" (ip6_pkt_drop), unlike IPv4's ip_error(), so the fabric's IPv6
+default route is a blackhole: dst_discard() drops the packet, no error, whoever
+sent it.
 
 Nothing here touches the machine's root namespace: links are created directly
 inside their namespaces, iptables and sysctls run via ``ip netns exec``.
@@ -212,7 +214,7 @@ class Lab:
                         f" netns {fabric}"])
         ip_batch(fabric, ["link set lo up", f"link set {n.fabric_link_fabric} up", *(
             f"addr add {p.fabric_ip}/{p.link_prefix} dev {n.fabric_link_fabric}{p.addr_flags}"
-            for p in self.plans)])
+            for p in self.plans), *(["route add blackhole ::/0"] if self.has_ipv6 else [])])
         # `ip -batch` takes no -4/-6 per line: each command's address says its family.
         ip_batch(node, [f"link set {n.fabric_link_node} up", *(
             cmd for p in self.plans for cmd in (
