@@ -3,7 +3,12 @@ runs it (the kernel tier with the netlink source, the VM tier with the bpf sourc
 
 from __future__ import annotations
 
+import pytest
+
 from cttrace.lab.results import ScenarioResult
+
+#: Run a scenario test on an IPv4 and on an IPv6 node (``Lab(family=...)``).
+by_family = pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6"])
 
 
 def assert_snat_race_clashed(result: ScenarioResult) -> int:

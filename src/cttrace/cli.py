@@ -242,6 +242,9 @@ def demo(
     output: Annotated[OutputKind, typer.Option(
         "--output", "-o", help="table (live view) or json; auto: table on a terminal.")
     ] = OutputKind.auto,
+    family: Annotated[str, typer.Option(
+        "--family", help="The lab node's IP family: 4, 6 or dual (both; the connections use "
+        "IPv6).")] = "4",
     rule_settings: dict[str, float] | None = None,
 ) -> None:
     """Reproduce a conntrack failure in a network-namespace lab on this kernel and watch
@@ -257,7 +260,7 @@ def demo(
     stop = threading.Event()
     try:
         with _stop_on_signals(stop):
-            code = run_demo(scenario, opts, stop)
+            code = run_demo(scenario, opts, stop, family=family)
     except UserError as err:
         raise _fail(err) from None
     raise typer.Exit(code)
@@ -354,7 +357,7 @@ def explain(
         allow_dash=True)],
     tuple_: Annotated[str | None, typer.Option(
         "--tuple", help="Only the entry of this client tuple: SRC:SPORT or "
-        "SRC:SPORT->DST:DPORT.")] = None,
+        "SRC:SPORT->DST:DPORT; IPv6 as [SRC]:SPORT.")] = None,
     entry: Annotated[int | None, typer.Option("--entry", help="Only this conntrack entry id.")
                      ] = None,
     rule: Annotated[str | None, typer.Option("--rule", help="Only findings of this rule.")

@@ -36,7 +36,8 @@ EXPECTED = {
 }
 
 
-def run_demo(scenario: str, opts: WatchOptions, stop: threading.Event) -> int:
+def run_demo(scenario: str, opts: WatchOptions, stop: threading.Event, *,
+             family: str = "4") -> int:
     from cttrace.lab.background import BackgroundScenario
 
     attached = threading.Event()
@@ -51,7 +52,8 @@ def run_demo(scenario: str, opts: WatchOptions, stop: threading.Event) -> int:
         narrate[0] = say
         attached.set()
 
-    with BackgroundScenario(scenario, wait_ready=attached.is_set, on_step=on_step) as bg:
+    with BackgroundScenario(scenario, wait_ready=attached.is_set, on_step=on_step,
+                            family=family) as bg:
         opts.netns = bg.node_netns
         opts.identity_file = bg.identity_path
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from cttrace.addr import endpoint
 from cttrace.errors import UserError
 
 
@@ -43,15 +44,16 @@ def timeline(finding: dict[str, Any]) -> list[Step]:
     """The ordered steps behind one finding line."""
     try:
         orig, target = finding["orig"], finding["target"]
-        tuple_text = f"{orig['src']}:{orig['sport']} -> {orig['dst']}:{orig['dport']}"
-        target_text = f"{target['ip']}:{target['port']}"
+        tuple_text = f"{endpoint(orig['src'], orig['sport'])} -> " \
+            f"{endpoint(orig['dst'], orig['dport'])}"
+        target_text = endpoint(target['ip'], target['port'])
         rule, severity, decided = finding["rule"], finding["severity"], finding["ts"]
     except (KeyError, TypeError) as err:
         raise UserError(f"not a cttrace finding (missing {err})") from None
     client = _ref(finding.get("client")) or f"client {orig['src']}"
     service = _ref(finding.get("service"))
-    vip = f"Service {service} ({orig['dst']}:{orig['dport']})" if service else \
-        f"{orig['dst']}:{orig['dport']}"
+    vip_text = endpoint(orig['dst'], orig['dport'])
+    vip = f"Service {service} ({vip_text})" if service else vip_text
     steps: list[Step] = []
     if finding.get("created"):
         steps.append(Step(finding["created"], "created",
@@ -83,9 +85,13 @@ def matches(finding: dict[str, Any], *, tuple_text: str | None, entry_id: int | 
         return False
     if tuple_text is not None:
         orig = finding.get("orig") or {}
-        full = f"{orig.get('src')}:{orig.get('sport')}->{orig.get('dst')}:{orig.get('dport')}"
+        client = endpoint(str(orig.get('src')), str(orig.get('sport')))
+        full = f"{client}->{endpoint(str(orig.get('dst')), str(orig.get('dport')))}"
+        # IPv6 as the summaries print it, [fd00::5]:40000; unbracketed is ambiguous but
+        # still accepted when it matches the whole tuple or client end exactly.
+        bare = f"{orig.get('src')}:{orig.get('sport')}->{orig.get('dst')}:{orig.get('dport')}"
         want = tuple_text.replace(" ", "")
-        if want not in (full, full.split("->")[0]):
+        if want not in (full, client, bare, bare.split("->")[0]):
             return False
     return True
 

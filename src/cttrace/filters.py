@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cttrace.addr import canonical
 from cttrace.findings import Finding
 from cttrace.identity.model import PodRef, ServiceRef
 
@@ -27,7 +28,14 @@ class Filter:
             from cttrace.errors import UserError
 
             raise UserError(f"unknown rule {bad[0]!r}: choose from {', '.join(sorted(known))}")
-        return cls(frozenset(namespaces), frozenset(services), frozenset(ips), frozenset(rules))
+        try:
+            # Events carry inet_ntop text: FD00:0::5 must match fd00::5.
+            canonical_ips = frozenset(canonical(ip) for ip in ips)
+        except ValueError as err:
+            from cttrace.errors import UserError
+
+            raise UserError(f"--ip: {err}") from None
+        return cls(frozenset(namespaces), frozenset(services), canonical_ips, frozenset(rules))
 
     @property
     def empty(self) -> bool:

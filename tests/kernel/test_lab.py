@@ -24,13 +24,25 @@ from typing import Any
 import orjson
 import pytest
 
+from cttrace.events import Flow
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.naming import STATE_ROOT, LabNames, new_instance
-from cttrace.lab.node import LabAborted
-from cttrace.lab.plumbing import lab_netns, netns_pids, wait_exited
+from cttrace.lab.node import Lab, LabAborted
+from cttrace.lab.plumbing import (
+    in_netns,
+    lab_netns,
+    netns_pids,
+    read_sysctl,
+    run,
+    snmp_counters,
+    wait_exited,
+)
+from cttrace.lab.processes import ClientSession
 from cttrace.lab.results import ScenarioResult
+from cttrace.lab.scenario_parts import FRONTEND
 from cttrace.lab.scenarios import run_scenario
 from cttrace.lab.teardown import remove_instance
+from tests.lab_checks import by_family
 
 pytestmark = pytest.mark.kernel
 
@@ -86,10 +98,11 @@ def entry_id(line: str) -> str:
     return match.group(1)
 
 
+@by_family
 def test_recycled_ip_retry_rides_the_old_entry_to_another_services_pod(
-        instance: str, tmp_path: Path) -> None:
+        instance: str, tmp_path: Path, family: str) -> None:
     identity = tmp_path / "identity.jsonl"
-    result = run_scenario("recycled-ip", instance=instance, identity_path=identity)
+    result = run_scenario("recycled-ip", instance=instance, identity_path=identity, family=family)
 
     first, retry = result.attempts
     assert (first.sport, retry.sport) == (result.flow.sport, result.flow.sport)
@@ -131,9 +144,11 @@ def test_recycled_ip_retry_rides_the_old_entry_to_another_services_pod(
     assert_torn_down(instance)
 
 
-def test_dead_pod_connection_keeps_sending_into_the_void(instance: str, tmp_path: Path) -> None:
+@by_family
+def test_dead_pod_connection_keeps_sending_into_the_void(
+        instance: str, tmp_path: Path, family: str) -> None:
     identity = tmp_path / "identity.jsonl"
-    result = run_scenario("dead-pod", instance=instance, identity_path=identity)
+    result = run_scenario("dead-pod", instance=instance, identity_path=identity, family=family)
 
     (attempt,) = result.attempts
     assert result.old_pod is not None
@@ -157,10 +172,11 @@ def test_dead_pod_connection_keeps_sending_into_the_void(instance: str, tmp_path
     assert_torn_down(instance)
 
 
+@by_family
 @pytest.mark.parametrize("brnf", [False, True], ids=["brnf-0", "brnf-1"])
 def test_bridge_without_br_netfilter_breaks_same_node_service_traffic(
-        instance: str, brnf: bool) -> None:
-    result = run_scenario("bridge-no-brnf", instance=instance, brnf=brnf)
+        instance: str, brnf: bool, family: str) -> None:
+    result = run_scenario("bridge-no-brnf", instance=instance, brnf=brnf, family=family)
 
     (attempt,) = result.attempts
     orig, reply = tuple_text(result)
@@ -178,6 +194,46 @@ def test_bridge_without_br_netfilter_breaks_same_node_service_traffic(
         assert "SYN_SENT" in entry and "[UNREPLIED]" in entry
         assert result.counters["client_out_rsts"] >= 1
     assert_torn_down(instance)
+
+
+@pytest.mark.parametrize("family", ["4", "6", "dual"])
+def test_whatever_the_node_routes_out_ends_silently_in_the_fabric(
+        instance: str, family: str) -> None:
+    """The no-leak rule, for each family of the node: its only default route leads into the
+    fabric, and a SYN to an address no pod holds goes there and is dropped without an error
+    (the client times out; it is neither refused nor told "unreachable")."""
+    with Lab(instance=instance, family=family) as lab:
+        client = lab.start_pod(FRONTEND)
+        names = lab.names
+        for plan in lab.plans:
+            routes = run(["ip", "-n", lab.node_netns, f"-{plan.version}", "route", "show",
+                          "default"]).splitlines()
+            assert [r.split()[:5] for r in routes] == \
+                [["default", "via", plan.fabric_ip, "dev", names.fabric_link_node]]
+            assert read_sysctl(names.fabric_netns, f"net.ipv{plan.version}.conf.all.forwarding") \
+                == "0"
+        before = _fabric_receives(names.fabric_netns, lab.plan.version)
+        nowhere = lab.plan.pod_ip(lab.plan.routed_pod_net, 99)
+        session = ClientSession(client.netns, src=client.ip, sport=40999, dst=nowhere, dport=80,
+                                connect_timeout=1.0, reply_timeout=0.5,
+                                log=lab.state_dir / "logs" / "nowhere.log")
+        session.close()
+        assert session.greeting["outcome"] == "timeout", session.greeting
+        (entry,) = lab.conntrack_entries(Flow(client.ip, 40999, nowhere, 80))
+        assert "SYN_SENT" in entry and "[UNREPLIED]" in entry
+        assert _fabric_receives(names.fabric_netns, lab.plan.version) > before
+    assert_torn_down(instance)
+
+
+def _fabric_receives(netns: str, version: int) -> int:
+    """Packets the fabric received: Ip.InReceives (/proc/net/snmp) or Ip6InReceives."""
+    if version == 4:
+        return snmp_counters(netns)["Ip.InReceives"]
+    for line in run(in_netns(netns, ["cat", "/proc/net/snmp6"])).splitlines():
+        name, _, value = line.partition(" ")
+        if name == "Ip6InReceives":
+            return int(value)
+    raise AssertionError("no Ip6InReceives in /proc/net/snmp6")
 
 
 def _lab_cli(instance: str, tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
+from cttrace.lab.addressing import IPV4, IPV6
 from cttrace.lab.cluster import LabPod, LabService, Workload
 from cttrace.lab.kubeproxy import endpoint_chain, render_rules, service_chain
 
@@ -90,3 +92,24 @@ def test_every_rule_carries_the_lab_tag_and_each_table_commits() -> None:
     rules = [line for line in text.splitlines() if line.startswith("-A ")]
     assert rules and all('--comment "ctl-ab12 ' in rule for rule in rules)
     assert text.count("COMMIT") == 2
+
+
+def test_ipv6_rules_bracket_endpoints_and_use_ipv6_matches() -> None:
+    svc = replace(_service("fd00:10:1::b", "fd00:10:1::c"), vip="fd00:100::37:12")
+    text = render_rules([svc, replace(svc, name="empty", endpoints=[])], tag="ctl-ab12", plan=IPV6)
+    sep = endpoint_chain("shop/cart:http", "[fd00:10:1::b]:8080")  # net.JoinHostPort's text
+    assert _rules(text, sep) == [
+        f'-A {sep} -p tcp -m comment --comment "ctl-ab12 shop/cart:http"'
+        " -m tcp -j DNAT --to-destination [fd00:10:1::b]:8080"
+    ]
+    assert "-A KUBE-SERVICES -d fd00:100::37:12/128 -p tcp" in text
+    assert "--reject-with icmp6-port-unreachable" in text
+
+
+def test_a_dual_stack_node_gets_each_familys_addresses_in_that_familys_rules() -> None:
+    pod = replace(_pod("10.0.1.11"), other_ips=("fd00:10:1::b",))
+    svc = replace(_service(), vip="10.100.37.12", other_vips=("fd00:100::37:12",),
+                  endpoints=[pod])
+    v4, v6 = (render_rules([svc], tag="t", plan=plan) for plan in (IPV4, IPV6))
+    assert "10.0.1.11:8080" in v4 and "fd00" not in v4
+    assert "[fd00:10:1::b]:8080" in v6 and "10.0.1.11" not in v6

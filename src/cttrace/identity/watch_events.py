@@ -20,12 +20,12 @@ still matches the address a kernel event carries.
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias, overload
 
+from cttrace.addr import canonical
 from cttrace.errors import IdentityError
 
 EventType: TypeAlias = Literal["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"]
@@ -437,10 +437,9 @@ def _ip(text: str, where: str, path: str) -> str:
     # inet_pton validates, inet_ntop prints the text the sources print for kernel addresses
     # (they use inet_ntop too), so the index's keys match theirs byte for byte. Interned
     # like the names above: a pod's IP also appears in its Services' slices.
-    family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
-        return sys.intern(socket.inet_ntop(family, socket.inet_pton(family, text)))
-    except (OSError, ValueError):
+        return sys.intern(canonical(text))
+    except ValueError:
         raise IdentityError(f"{where}: {path} is {text!r}, not an IP address") from None
 
 

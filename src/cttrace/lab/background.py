@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cttrace.lab.addressing import Family
 from cttrace.lab.node import Lab, ReadyCheck
 from cttrace.lab.preconditions import LabError
 from cttrace.lab.results import ScenarioResult, StepCallback
@@ -41,11 +42,12 @@ class BackgroundScenario:
         wait_ready: ReadyCheck | None = None,
         on_step: StepCallback | None = None,
         keep: bool = False,
+        family: Family | str = Family.V4,
         **options: Any,
     ) -> None:
         self.scenario = get_scenario(name)
         self.lab = Lab(instance=instance, layout=self.scenario.layout,
-                       identity_path=identity_path, keep=keep)
+                       identity_path=identity_path, keep=keep, family=family)
         self._wait_ready = wait_ready
         self._on_step = on_step
         self._options = options

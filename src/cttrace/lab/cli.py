@@ -17,8 +17,10 @@ from typing import Annotated, NoReturn
 import orjson
 import typer
 
+from cttrace.addr import endpoint
 from cttrace.errors import UserError
 from cttrace.lab import teardown
+from cttrace.lab.addressing import Family
 from cttrace.lab.naming import LabNames, check_instance
 from cttrace.lab.node import Lab
 from cttrace.lab.preconditions import LabError, require_root
@@ -50,6 +52,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+FamilyOpt = Annotated[Family, typer.Option(
+    "--family",
+    help="The node's IP family: 4, 6 (pods and Services IPv6 only: ip6tables DNAT, /128 pod "
+         "routes, proxy NDP for the pods' gateway) or dual (both; the scenario's connections "
+         "use IPv6, every pod and Service's second address).",
+)]
 
 InstanceOpt = Annotated[str | None, typer.Option(
     "--instance", "-i",
@@ -115,9 +124,10 @@ def run(
     )] = False,
     brnf: Annotated[bool, typer.Option(
         "--brnf",
-        help="bridge-no-brnf only: set bridge-nf-call-iptables=1 (the healthy control, where "
-             "the connection works) instead of 0.",
+        help="bridge-no-brnf only: set bridge-nf-call-iptables=1 (and -ip6tables=1; the "
+             "healthy control, where the connection works) instead of 0.",
     )] = False,
+    family: FamilyOpt = Family.V4,
 ) -> None:
     """Replay SCENARIO with real packets, then tear the lab down.
 
@@ -135,7 +145,7 @@ def run(
             result = run_scenario(
                 spec.name, instance=instance and check_instance(instance),
                 identity_path=identity_file, wait_ready=wait_ready, on_step=_narrate, keep=keep,
-                **options,
+                family=family, **options,
             )
     except KeyboardInterrupt:
         _interrupted("the lab was")
@@ -155,6 +165,7 @@ def up(
         help="routed: pods on veths with /32 routes (AWS VPC CNI style); bridge: pods on one "
              "bridge and /24 (kubenet/docker style).",
     )] = LayoutChoice.routed,
+    family: FamilyOpt = Family.V4,
 ) -> None:
     """Build a node with a client pod and one Service, and keep it until Ctrl-C.
 
@@ -165,26 +176,27 @@ def up(
     try:
         with teardown.signals_interrupt(), Lab(
             instance=instance and check_instance(instance), layout=layout.value,
-            identity_path=identity_file,
+            identity_path=identity_file, family=family,
         ) as lab:
             client = lab.start_pod(FRONTEND)
             backend = lab.start_pod(CART)
             cart = lab.add_service("shop", "cart", app="cart", vip="10.100.37.12",
                                    endpoints=[backend])
             typer.echo("\n".join([
-                f"lab {lab.instance} is up ({lab.layout} layout):",
+                f"lab {lab.instance} is up ({lab.layout} layout, IPv{lab.plan.version}"
+                f"{' on a dual-stack node' if len(lab.plans) > 1 else ''}):",
                 f"  node netns      {lab.node_netns}",
                 f"  fabric netns    {lab.names.fabric_netns}",
                 f"  client          {client.namespace}/{client.name} {client.ip}  "
                 f"netns {client.netns}",
-                f"  Service         shop/cart {cart.vip}:{cart.port} -> "
-                f"{backend.namespace}/{backend.name} {backend.ip}:{cart.target_port}",
+                f"  Service         shop/cart {endpoint(cart.vip, cart.port)} -> "
+                f"{backend.namespace}/{backend.name} {endpoint(backend.ip, cart.target_port)}",
                 f"  identity file   {lab.identity_path}",
                 "try:",
                 f"  ip netns exec {client.netns} {sys.executable} -m cttrace.lab.podclient "
                 f"--src {client.ip} --sport 40000 --dst {cart.vip} --dport {cart.port} </dev/null",
-                f"  ip netns exec {lab.node_netns} conntrack -L",
-                f"  ip netns exec {lab.node_netns} iptables-save -t nat",
+                f"  ip netns exec {lab.node_netns} conntrack -L -f ipv{lab.plan.version}",
+                f"  ip netns exec {lab.node_netns} {lab.plan.iptables}-save -t nat",
                 "Ctrl-C tears it down.",
             ]))
             threading.Event().wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cttrace.addr import is_ipv6
 from cttrace.identity.model import PodRef, ServiceRef
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ class LabPod:
     slot: int  # numbers this pod's veth ends (naming.LabNames.pod_link_*)
     created_at: float
     server: PodServer | None = None
+    other_ips: tuple[str, ...] = ()  # dual-stack: the address of the other family
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """status.podIPs: one per family, IPv4 first; ``ip`` is the one traffic uses."""
+        return _api_order(self.ip, self.other_ips)
 
     @property
     def namespace(self) -> str:
@@ -94,6 +101,12 @@ class LabService:
     created_at: float
     endpoints: list[LabPod] = field(default_factory=list)
     slice_generation: int = 1
+    other_vips: tuple[str, ...] = ()  # dual-stack: the VIP of the other family
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        """spec.clusterIPs: one per family, IPv4 first; ``vip`` is the one traffic uses."""
+        return _api_order(self.vip, self.other_vips)
 
     @property
     def ref(self) -> ServiceRef:
@@ -103,3 +116,7 @@ class LabService:
     def port_key(self) -> str:
         """kube-proxy's ServicePortName text: ``namespace/name:port-name``."""
         return f"{self.namespace}/{self.name}:{self.port_name}"
+
+
+def _api_order(ip: str, others: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sorted((ip, *others), key=is_ipv6))

@@ -10,8 +10,12 @@ watch stream. ``metadata.resourceVersion`` is left to
 from __future__ import annotations
 
 import datetime as _dt
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
+from cttrace.addr import is_ipv6
+from cttrace.lab.addressing import address_in
 from cttrace.lab.cluster import LabPod, LabService
 
 JsonObject = dict[str, Any]
@@ -65,8 +69,8 @@ def pod_object(pod: LabPod, *, deleted_at: float | None = None) -> JsonObject:
             "phase": "Running",
             "hostIP": pod.host_ip,
             "hostIPs": [{"ip": pod.host_ip}],
-            "podIP": pod.ip,
-            "podIPs": [{"ip": pod.ip}],
+            "podIP": pod.ips[0],
+            "podIPs": [{"ip": ip} for ip in pod.ips],
             "startTime": timestamp(pod.created_at),
             "conditions": [{"type": "Ready", "status": "True"}],
         },
@@ -86,10 +90,10 @@ def service_object(svc: LabService) -> JsonObject:
         },
         "spec": {
             "type": "ClusterIP",
-            "clusterIP": svc.vip,
-            "clusterIPs": [svc.vip],
-            "ipFamilies": ["IPv4"],
-            "ipFamilyPolicy": "SingleStack",
+            "clusterIP": svc.vips[0],
+            "clusterIPs": list(svc.vips),
+            "ipFamilies": [_family(ip) for ip in svc.vips],
+            "ipFamilyPolicy": "RequireDualStack" if len(svc.vips) > 1 else "SingleStack",
             "ports": [{
                 "name": svc.port_name,
                 "port": svc.port,
@@ -103,16 +107,35 @@ def service_object(svc: LabService) -> JsonObject:
     }
 
 
-def endpoint_slice_object(svc: LabService) -> JsonObject:
-    """The Service's one EndpointSlice, listing ``svc.endpoints`` as ready."""
+def endpoint_slice_objects(svc: LabService, *,
+                           terminating: Sequence[LabPod] = ()) -> list[JsonObject]:
+    """The Service's EndpointSlices, one per IP family (the EndpointSlice controller never
+    mixes families in one slice), listing ``svc.endpoints`` as ready and ``terminating``
+    as serving but not ready."""
+    return [_endpoint_slice(svc, vip, terminating, first=i == 0)
+            for i, vip in enumerate(svc.vips)]
+
+
+def _endpoint_slice(svc: LabService, vip: str, terminating: Sequence[LabPod], *,
+                    first: bool) -> JsonObject:
+    family = _family(vip)
+    # The first family's slice keeps the names the Service was created with; a dual-stack
+    # Service's second slice gets its own (real ones are both "<service>-<random>").
+    name = svc.slice_name if first else f"{svc.slice_name}-{family.lower()}"
+    uid = svc.slice_uid if first else str(
+        uuid.uuid5(uuid.NAMESPACE_URL, f"{svc.slice_uid}/{family}"))
+    ready = [_endpoint(pod, ip, ready=True) for pod in svc.endpoints
+             if (ip := address_in(pod.ips, 6 if family == "IPv6" else 4))]
+    draining = [_endpoint(pod, ip, ready=False) for pod in terminating
+                if (ip := address_in(pod.ips, 6 if family == "IPv6" else 4))]
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": svc.slice_name,
+            "name": name,
             "generateName": f"{svc.name}-",
             "namespace": svc.namespace,
-            "uid": svc.slice_uid,
+            "uid": uid,
             "generation": svc.slice_generation,
             "creationTimestamp": timestamp(svc.created_at),
             "labels": {
@@ -128,17 +151,22 @@ def endpoint_slice_object(svc: LabService) -> JsonObject:
                 "blockOwnerDeletion": True,
             }],
         },
-        "addressType": "IPv4",
-        "endpoints": [_endpoint(pod) for pod in svc.endpoints],
+        "addressType": family,
+        "endpoints": ready + draining,
         # An EndpointSlice port is the port on the pod (the Service's targetPort).
         "ports": [{"name": svc.port_name, "port": svc.target_port, "protocol": "TCP"}],
     }
 
 
-def _endpoint(pod: LabPod) -> JsonObject:
+def _family(ip: str) -> str:
+    """spec.ipFamilies / addressType name of ``ip``'s family."""
+    return "IPv6" if is_ipv6(ip) else "IPv4"
+
+
+def _endpoint(pod: LabPod, ip: str, *, ready: bool) -> JsonObject:
     return {
-        "addresses": [pod.ip],
-        "conditions": {"ready": True, "serving": True, "terminating": False},
+        "addresses": [ip],
+        "conditions": {"ready": ready, "serving": True, "terminating": not ready},
         "nodeName": pod.node_name,
         "targetRef": {
             "kind": "Pod",

@@ -18,6 +18,8 @@ import base64
 import hashlib
 from collections.abc import Sequence
 
+from cttrace import addr
+from cttrace.lab.addressing import IPV4, AddressPlan, address_in
 from cttrace.lab.cluster import LabService
 from cttrace.lab.plumbing import in_netns, run
 
@@ -39,8 +41,12 @@ def endpoint_chain(port_key: str, endpoint: str, protocol: str = "tcp") -> str:
     return "KUBE-SEP-" + _port_proto_hash(port_key + protocol + endpoint)
 
 
-def render_rules(services: Sequence[LabService], *, tag: str) -> str:
-    """The ``iptables-restore`` input for the given Services; ``tag`` prefixes every comment."""
+def render_rules(services: Sequence[LabService], *, tag: str, plan: AddressPlan = IPV4) -> str:
+    """The ``iptables-restore`` (``ip6tables-restore`` for an IPv6 ``plan``) input for the
+    given Services' addresses of ``plan``'s family; ``tag`` prefixes every comment.
+
+    kube-proxy runs one proxier per family on a dual-stack node, each with its own
+    tables; an endpoint without an address of the family is not in that family's rules."""
     nat_chains = [SERVICES_CHAIN]
     nat_rules = [
         f'-A {hook} -m comment --comment "{tag} kubernetes service portals" -j {SERVICES_CHAIN}'
@@ -53,11 +59,15 @@ def render_rules(services: Sequence[LabService], *, tag: str) -> str:
     ]
     for svc in services:
         key = svc.port_key
-        match = f"-d {svc.vip}/32 -p tcp"
-        if not svc.endpoints:
+        vip = address_in(svc.vips, plan.version)
+        if vip is None:
+            continue
+        endpoints = [ip for pod in svc.endpoints if (ip := address_in(pod.ips, plan.version))]
+        match = f"-d {vip}/{plan.host_prefix} -p tcp"
+        if not endpoints:
             filter_rules.append(
                 f'-A {SERVICES_CHAIN} {match} -m comment --comment "{tag} {key} has no endpoints"'
-                f" -m tcp --dport {svc.port} -j REJECT --reject-with icmp-port-unreachable"
+                f" -m tcp --dport {svc.port} -j REJECT --reject-with {plan.reject_with}"
             )
             continue
         svc_chain = service_chain(key)
@@ -66,9 +76,11 @@ def render_rules(services: Sequence[LabService], *, tag: str) -> str:
             f'-A {SERVICES_CHAIN} {match} -m comment --comment "{tag} {key} cluster IP"'
             f" -m tcp --dport {svc.port} -j {svc_chain}"
         )
-        count = len(svc.endpoints)
-        for i, pod in enumerate(svc.endpoints):
-            endpoint = f"{pod.ip}:{svc.target_port}"
+        count = len(endpoints)
+        for i, ip in enumerate(endpoints):
+            # proxier.go writes it with net.JoinHostPort: [fd00::5]:8080 for IPv6, as DNAT's
+            # --to-destination wants it too.
+            endpoint = addr.endpoint(ip, svc.target_port)
             sep_chain = endpoint_chain(key, endpoint)
             nat_chains.append(sep_chain)
             # Endpoint i of n is taken with probability 1/(n-i) among those left, which
@@ -90,10 +102,11 @@ def render_rules(services: Sequence[LabService], *, tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def apply_rules(netns: str, rules: str) -> None:
-    """Replace the nat and filter tables of ``netns`` with ``rules`` in one transaction.
+def apply_rules(netns: str, rules: str, plan: AddressPlan = IPV4) -> None:
+    """Replace ``plan``'s family's nat and filter tables of ``netns`` with ``rules`` in one
+    transaction.
 
     Without ``--noflush`` iptables-restore flushes each table it is given, as
     kube-proxy's full syncs do; built-in chains keep their ACCEPT policy.
     """
-    run(in_netns(netns, ["iptables-restore", "-w"]), stdin=rules)
+    run(in_netns(netns, [plan.iptables_restore, "-w"]), stdin=rules)

@@ -30,6 +30,8 @@ from typing import Any
 
 import orjson
 
+from cttrace.addr import is_ipv6
+
 
 class _Lines:
     """Reads newline-terminated lines from a socket, each within a deadline."""
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long to wait for the server's first line")
     args = parser.parse_args(argv)
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if is_ipv6(args.dst) else socket.AF_INET,
+                         socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.src, args.sport))
     sock.settimeout(args.connect_timeout)

@@ -14,8 +14,11 @@ connection observable. "listening" on stdout tells the lab the socket is ready.
 from __future__ import annotations
 
 import argparse
+import socket
 import socketserver
 import sys
+
+from cttrace.addr import endpoint, is_ipv6
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -35,6 +38,10 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cttrace.lab.podserver", description=__doc__)
     parser.add_argument("--ip", required=True, help="the pod IP to listen on")
@@ -43,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     handler = type("Handler", (_Handler,), {"identity": args.identity.encode() + b"\n"})
-    with _Server((args.ip, args.port), handler) as server:
-        print(f"listening {args.ip}:{args.port}", flush=True)
+    server_class = _Server6 if is_ipv6(args.ip) else _Server
+    with server_class((args.ip, args.port), handler) as server:
+        print(f"listening {endpoint(args.ip, args.port)}", flush=True)
         server.serve_forever()
     return 0
 

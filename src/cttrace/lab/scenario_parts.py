@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+from cttrace.addr import endpoint
 from cttrace.events import Flow
 from cttrace.lab.cluster import LabPod, LabService, Workload
 from cttrace.lab.results import Attempt, Exchange, Step, StepCallback
@@ -41,7 +42,7 @@ def pod_text(pod: LabPod) -> str:
 
 
 def service_text(svc: LabService) -> str:
-    return f"Service {svc.namespace}/{svc.name} {svc.vip}:{svc.port}"
+    return f"Service {svc.namespace}/{svc.name} {endpoint(svc.vip, svc.port)}"
 
 
 def flow_to(client: LabPod, svc: LabService, sport: int) -> Flow:

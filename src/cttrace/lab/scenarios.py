@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cttrace.addr import endpoint, flow_text
+from cttrace.lab.addressing import Family
 from cttrace.lab.node import Lab, Layout, ReadyCheck
 from cttrace.lab.plumbing import snmp_counters
 from cttrace.lab.preconditions import LabError
@@ -76,12 +78,13 @@ def recycled_ip(
 
     lab.kill_pod(cart_a)
     story("pod-killed", f"{pod_text(cart_a)} killed abruptly (no FIN, no RST): its netns, veth and "
-                        "/32 route are gone; kube-proxy rules and the API do not know yet")
+                        f"/{lab.plan.host_prefix} route are gone; kube-proxy rules and the API do "
+                        "not know yet")
 
     first = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout)
     conntrack = {"after-first-attempt": lab.conntrack_entries(flow)}
-    story("first-attempt", f"{flow.src}:{sport} -> {cart.vip}:{cart.port}, DNAT to the dead "
-                           f"pod's {cart_a.ip}:{cart.target_port}: {outcome_text(first)}; "
+    story("first-attempt", f"{flow_text(flow)}, DNAT to the dead "
+                           f"pod's {endpoint(cart_a.ip, cart.target_port)}: {outcome_text(first)}; "
                            f"{conntrack_text(conntrack['after-first-attempt'])}")
 
     lab.delete_pod_object(cart_a)
@@ -90,7 +93,7 @@ def recycled_ip(
                               f"{cart.namespace}/{cart.slice_name} has no endpoints; kube-proxy "
                               "removed its KUBE-SEP chain")
 
-    pod_b = lab.start_pod(LEDGER, suffix="x2x7q", ip=cart_a.ip)
+    pod_b = lab.start_pod(LEDGER, suffix="x2x7q", ips=cart_a.ips)
     lab.set_endpoints(ledger, [ledger_1, pod_b])
     story("ip-recycled", f"{pod_text(pod_b)} started with the dead cart pod's IP; the API and "
                          f"kube-proxy added it to Service {ledger.namespace}/{ledger.name}")
@@ -136,7 +139,7 @@ def dead_pod(
     session = lab.open_session(frontend, checkout, sport=sport)
     attempt = Attempt.from_report(sport, session.pid, session.greeting)
     story("connected",
-          f"{flow.src}:{sport} -> {checkout.vip}:{checkout.port}: {outcome_text(attempt)}")
+          f"{flow_text(flow)}: {outcome_text(attempt)}")
     exchanges: list[Exchange] = []
     conntrack: dict[str, tuple[str, ...]] = {}
     try:
@@ -221,7 +224,7 @@ def bridge_no_brnf(
     conntrack = {"after-attempt": lab.conntrack_entries(flow)}
     # The client pod's own namespace counts the RSTs its kernel sent (tcp_v4_send_reset).
     client_rsts = snmp_counters(frontend.netns)["Tcp.OutRsts"]
-    story("attempt", f"{flow.src}:{sport} -> {catalog.vip}:{catalog.port}: "
+    story("attempt", f"{flow_text(flow)}: "
                      f"{outcome_text(attempt)}; the client's kernel sent {client_rsts} RST(s); "
                      f"{conntrack_text(conntrack['after-attempt'])}")
 
@@ -279,10 +282,12 @@ def run_scenario(
     wait_ready: ReadyCheck | None = None,
     on_step: StepCallback | None = None,
     keep: bool = False,
+    family: Family | str = Family.V4,
     **options: Any,
 ) -> ScenarioResult:
-    """Build a lab for scenario ``name``, run it, tear the lab down (unless ``keep``)."""
+    """Build a lab for scenario ``name`` (on a node of IP ``family``: 4, 6 or dual), run it,
+    tear the lab down (unless ``keep``)."""
     scenario = get_scenario(name)
     with Lab(instance=instance, layout=scenario.layout, identity_path=identity_path,
-             keep=keep) as lab:
+             keep=keep, family=family) as lab:
         return scenario.run(lab, wait_ready=wait_ready, on_step=on_step, **options)

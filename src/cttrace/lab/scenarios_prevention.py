@@ -29,10 +29,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from cttrace.addr import flow_text
 from cttrace.ctstats import parse_conntrack_stats
 from cttrace.events import Flow
 from cttrace.lab.cluster import LabPod, LabService
-from cttrace.lab.k8s_objects import JsonObject, endpoint_slice_object, pod_object
+from cttrace.lab.k8s_objects import endpoint_slice_objects, pod_object
 from cttrace.lab.node import Lab, ReadyCheck
 from cttrace.lab.plumbing import in_netns, run, snmp_counters
 from cttrace.lab.preconditions import LabError
@@ -71,15 +72,8 @@ def _terminating(lab: Lab, svc: LabService, pod: LabPod, ready: list[LabPod]) ->
     lab.publish("MODIFIED", obj)
     svc.endpoints = list(ready)
     svc.slice_generation += 1
-    slice_obj: JsonObject = endpoint_slice_object(svc)
-    slice_obj["endpoints"].append({
-        "addresses": [pod.ip],
-        "conditions": {"ready": False, "serving": True, "terminating": True},
-        "nodeName": pod.node_name,
-        "targetRef": {"kind": "Pod", "name": pod.name, "namespace": pod.namespace,
-                      "uid": pod.uid},
-    })
-    lab.publish("MODIFIED", slice_obj)
+    for slice_obj in endpoint_slice_objects(svc, terminating=[pod]):
+        lab.publish("MODIFIED", slice_obj)
     lab.sync_rules()
 
 
@@ -129,7 +123,7 @@ def graceful_drain(
         for i in range(1, lines + 1):
             exchanges.append(exchange_of(session.send(f"order {i}", wait_s=2.0)))
         conntrack["established"] = lab.conntrack_entries(flow)
-        story("connected", f"{flow.src}:{sport} -> {checkout.vip}:{checkout.port} answered by "
+        story("connected", f"{flow_text(flow)} answered by "
                            f"{attempt.answered_by}; {lines} lines exchanged; conntrack "
                            f"{conntrack_state(conntrack['established'])}")
 
@@ -196,11 +190,11 @@ def _masquerade(lab: Lab, target: LabPod, ports: int) -> str:
     """Masquerade the node's traffic to ``target`` (as kube-proxy's ``--masquerade-all`` or a
     CNI's egress rule does), without --random-fully, from ``ports`` source ports."""
     rule = [
-        "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-d", f"{target.ip}/32",
+        "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-d", f"{target.ip}/{lab.plan.host_prefix}",
         "-m", "comment", "--comment", f"{lab.names.tag} masquerade, no --random-fully",
         "-j", "MASQUERADE", "--to-ports", f"{SNAT_PORT_BASE}-{SNAT_PORT_BASE + ports - 1}",
     ]
-    run(in_netns(lab.node_netns, ["iptables", "-w", *rule]))
+    run(in_netns(lab.node_netns, [lab.plan.iptables, "-w", *rule]))
     return " ".join(rule)
 
 
@@ -224,7 +218,8 @@ def snat_race(
                              endpoints=[backend])
     rule = _masquerade(lab, backend, ports)  # after the kube-proxy sync, which rewrites nat
     story("ready", f"node {lab.node_netns}: client {pod_text(frontend)}; "
-                   f"{service_text(ledger)} -> {pod_text(backend)}; `iptables {rule}`")
+                   f"{service_text(ledger)} -> {pod_text(backend)}; "
+                   f"`{lab.plan.iptables} {rule}`")
     lab.wait_ready(wait_ready)
 
     before = _conntrack_stats(lab.node_netns)

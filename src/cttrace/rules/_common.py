@@ -7,6 +7,7 @@ must name the pod an entry was created for.
 
 from __future__ import annotations
 
+from cttrace import addr
 from cttrace.events import Flow, SockConnect
 from cttrace.findings import Finding, Severity, rfc3339
 from cttrace.identity.model import IdentityView, PodRef, ServiceRef
@@ -101,7 +102,7 @@ def who(client: PodRef | None, ip: str) -> str:
 
 
 def svc(service: ServiceRef | None, orig: Flow) -> str:
-    vip = f"{orig.dst}:{orig.dport}"
+    vip = addr.endpoint(orig.dst, orig.dport)
     return f"Service {service} ({vip})" if service is not None else vip
 
 

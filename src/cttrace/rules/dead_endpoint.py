@@ -9,6 +9,7 @@ IP, it is ``wrong-pod``'s business instead.
 
 from __future__ import annotations
 
+from cttrace import addr
 from cttrace.events import TcpState, state_name
 from cttrace.findings import Finding, Severity
 from cttrace.identity.model import IdentityView, PodRef
@@ -100,7 +101,8 @@ class DeadEndpoint(Checker):
         state = state_name(entry.state)
         summary = (
             f"{who(client, entry.orig.src)} -> {svc(service, entry.orig)}: the conntrack entry "
-            f"({state}) still sends to {entry.target_ip}:{entry.target_port}, but pod {chosen} is "
+            f"({state}) still sends to {addr.endpoint(entry.target_ip, entry.target_port)}, "
+            f"but pod {chosen} is "
             f"gone for {now - gone_at:.1f}s; its packets go into the void until the entry or "
             "the client's connection dies"
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 
+from cttrace import addr
 from cttrace.events import SockConnect
 from cttrace.findings import Finding, Severity
 from cttrace.rules._common import finding, names, sock_json, svc
@@ -82,10 +83,11 @@ class InheritedEntry(Checker):
         age = sock.ts - entry.created
         by = f"pid {creator.pid} ({creator.comm})" if creator else "an earlier socket"
         summary = (
-            f"pid {sock.pid} ({sock.comm}) connected {entry.orig.src}:{entry.orig.sport} -> "
+            f"pid {sock.pid} ({sock.comm}) connected "
+            f"{addr.endpoint(entry.orig.src, entry.orig.sport)} -> "
             f"{svc(service, entry.orig)} and inherited an unreplied conntrack entry created "
             f"{age:.1f}s earlier by {by}: it reuses the old DNAT decision to "
-            f"{entry.target_ip}:{entry.target_port}"
+            f"{addr.endpoint(entry.target_ip, entry.target_port)}"
         )
         sockets: dict[str, object] = {"new": sock_json(sock)}
         if creator is not None:

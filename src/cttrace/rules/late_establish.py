@@ -9,6 +9,7 @@ that decision, whoever holds the target IP now. Needs no identity.
 
 from __future__ import annotations
 
+from cttrace import addr
 from cttrace.findings import Severity
 from cttrace.rules._common import finding, names, svc, who
 from cttrace.rules._spec import (
@@ -44,7 +45,8 @@ class LateEstablish(Checker):
         new_owner = self.identity.owner_at(entry.target_ip, t1) if self.identity else None
         summary = (
             f"{who(client, entry.orig.src)} -> {svc(service, entry.orig)}: entry stayed "
-            f"unreplied {unreplied:.1f}s, then {entry.target_ip}:{entry.target_port} answered "
+            f"unreplied {unreplied:.1f}s, then "
+            f"{addr.endpoint(entry.target_ip, entry.target_port)} answered "
             "on the old DNAT decision (a retry from the same source port inherits it)"
         )
         out.append(finding(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 
+from cttrace import addr
 from cttrace.events import TcpReset
 from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef, ServiceRef
@@ -119,10 +120,11 @@ class UnnatedReply(Checker):
     def _finding(self, entry: TrackedEntry, owner: PodRef | None, client: PodRef | None,
                  service: ServiceRef | None, now: float, *, evidence: str,
                  pid: int = 0, comm: str = "") -> Finding:
-        target = f"{entry.target_ip}:{entry.target_port}"
+        target = addr.endpoint(entry.target_ip, entry.target_port)
         if evidence == "rst":
             what = (f"the client reset {target}: the backend's reply arrived un-NATed "
-                    f"(from the pod IP instead of {entry.orig.dst}:{entry.orig.dport})")
+                    "(from the pod IP instead of "
+                    f"{addr.endpoint(entry.orig.dst, entry.orig.dport)})")
         else:
             what = (f"live endpoint {owner} at {target} never got a reply through conntrack "
                     f"in {self.horizon:.0f}s")

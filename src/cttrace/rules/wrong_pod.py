@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cttrace import addr
 from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef
 from cttrace.rules._common import (
@@ -151,7 +152,7 @@ class WrongPod(Checker):
         assert identity is not None
         client, service, _ = names(identity, entry, entry.created)
         severity = severity_of(endpoint)
-        where = f"{entry.target_ip}:{entry.target_port}"
+        where = addr.endpoint(entry.target_ip, entry.target_port)
         if new is None:
             reached = f"an unknown owner of {where} (no pod held it when it answered)"
         elif endpoint is False:

@@ -46,6 +46,7 @@ from enum import Enum
 import orjson
 
 import cttrace
+from cttrace.addr import endpoint, flow_text, is_ipv6
 from cttrace.errors import UserError
 from cttrace.events import Flow
 from cttrace.findings import Finding, rfc3339
@@ -65,17 +66,13 @@ class AlertmanagerConfigError(UserError):
     """An Alertmanager option that cannot work (bad URL, unreadable CA file)."""
 
 
-def _endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def tuple_text(flow: Flow) -> str:
     """``10.0.0.5:40000->10.96.0.10:80`` (IPv6 addresses in brackets)."""
-    return f"{_endpoint(flow.src, flow.sport)}->{_endpoint(flow.dst, flow.dport)}"
+    return flow_text(flow, "->")
 
 
 def _delete_command(flow: Flow) -> str:
-    family = "-f ipv6 " if ":" in flow.src else ""
+    family = "-f ipv6 " if is_ipv6(flow.src) else ""
     return (
         f"conntrack -D {family}-p tcp -s {flow.src} --sport {flow.sport} "
         f"-d {flow.dst} --dport {flow.dport}"
@@ -115,7 +112,7 @@ def finding_to_alert(finding: Finding, node: str, generator_url: str) -> dict[st
     if orig is not None:
         annotations["tuple"] = labels["tuple"]
     if finding.target is not None and finding.target[0]:
-        annotations["target"] = _endpoint(*finding.target)
+        annotations["target"] = endpoint(*finding.target)
     if finding.unreplied_s is not None:
         annotations["unreplied_s"] = f"{finding.unreplied_s:g}"
     alert: dict[str, object] = {

@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from cttrace.addr import endpoint
 from cttrace.correlator import Correlator, Entry
 from cttrace.events import Event, state_name, status_names
 from cttrace.filters import Filter
@@ -42,7 +43,8 @@ class LiveView:
 
     def say(self, text: str) -> None:
         """A line of narration printed above the live area (thread-safe: rich locks)."""
-        self.console.print(text, style="cyan", highlight=False)
+        # Text, not a str: rich would read "[fd00::5]" as markup and drop it.
+        self.console.print(Text(text, style="cyan"), highlight=False)
 
     def finding(self, finding: Finding) -> None:
         if self.filter.finding(finding):
@@ -66,7 +68,7 @@ class LiveView:
 
     def _name(self, ip: str, port: int, t: float) -> str:
         owner = self.identity.owner_at(ip, t) if self.identity else None
-        return str(owner) if owner is not None else f"{ip}:{port}"
+        return str(owner) if owner is not None else endpoint(ip, port)
 
     def _flows(self) -> Table:
         table = Table(title="NATed TCP flows", expand=True, title_justify="left")
@@ -87,9 +89,10 @@ class LiveView:
             )
             unreplied = entry.replied is None
             table.add_row(
-                self._name(entry.orig.src, entry.orig.sport, t),
-                str(service) if service else f"{entry.orig.dst}:{entry.orig.dport}",
-                self._name(entry.target[0], entry.target[1], entry.replied or now),
+                # Text cells: a str would be parsed as markup, and "[fd00::5]:80" lost.
+                Text(self._name(entry.orig.src, entry.orig.sport, t)),
+                Text(str(service) if service else endpoint(entry.orig.dst, entry.orig.dport)),
+                Text(self._name(entry.target[0], entry.target[1], entry.replied or now)),
                 Text(state_name(entry.state), style="yellow" if unreplied else "green"),
                 f"{now - t:5.1f}s",
                 " ".join(status_names(entry.status)),
@@ -116,7 +119,7 @@ class LiveView:
             table.add_row(
                 time.strftime("%H:%M:%S", time.localtime(f.ts)),
                 Text(f"{f.rule} {f.severity}", style=_SEVERITY_STYLE[f.severity]),
-                f.summary,
+                Text(f.summary),
             )
         return table
 
