@@ -228,6 +228,11 @@ def watch(
             run_watch(opts, stop)
     except UserError as err:
         raise _fail(err) from None
+    except BrokenPipeError:
+        # `watch | head`: the reader has what it wanted; a quiet end, as with a table.
+        from cttrace.watch import stdout_to_devnull
+
+        stdout_to_devnull()
 
 
 @app.command()
@@ -380,8 +385,12 @@ def explain(
                 lines = findings.read_bytes().splitlines()
             except OSError as err:
                 raise UserError(f"cannot read {findings}: {err.strerror}") from None
-        chosen = [f for f in read_findings(lines, str(findings))
+        skipped: list[int] = []
+        chosen = [f for f in read_findings(lines, skipped)
                   if matches(f, tuple_text=tuple_, entry_id=entry, rule=rule)]
+        if skipped:
+            typer.echo(f"cttrace: explain: skipped {len(skipped)} lines of {findings} that are "
+                       f"not JSON (the first: line {skipped[0]})", err=True)
         if not chosen:
             raise UserError(f"no finding in {findings} matches")
         for i, f in enumerate(chosen):

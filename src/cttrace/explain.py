@@ -96,15 +96,20 @@ def matches(finding: dict[str, Any], *, tuple_text: str | None, entry_id: int | 
     return True
 
 
-def read_findings(lines: Iterable[bytes], source: str) -> Iterator[dict[str, Any]]:
+def read_findings(lines: Iterable[bytes], skipped: list[int] | None = None,
+                  ) -> Iterator[dict[str, Any]]:
+    """The JSON objects among ``lines``. A line that is not JSON (stderr text in a ``2>&1``
+    capture, a traceback, a truncated last line) is skipped; its number goes to ``skipped``."""
     for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
             obj = orjson.loads(line)
-        except orjson.JSONDecodeError as err:
-            raise UserError(f"{source}:{lineno}: not JSON ({err})") from None
+        except orjson.JSONDecodeError:
+            if skipped is not None:
+                skipped.append(lineno)
+            continue
         if isinstance(obj, dict):
             yield obj
 

@@ -6,6 +6,8 @@ in-process.
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ from cttrace.assemble import (
 from cttrace.blind_spots import TracedNamespace, blind_spot_checks
 from cttrace.filters import Filter
 from cttrace.findings import Finding, rfc3339
-from cttrace.runtime import Pipeline, Sink, Summary
+from cttrace.runtime import Periodic, Pipeline, Sink, Summary
 from cttrace.sources.select import open_source
 
 
@@ -78,7 +80,8 @@ def run_watch(
             json_sink.note if json_sink is not None else lambda obj: say(str(obj["msg"])))
         # A deleted traced namespace ends the watch: nothing can happen there any more.
         periodic = [snat_check(opts.netns, source),
-                    *blind_spot_checks(TracedNamespace(opts.netns), warning, on_gone=stop.set)]
+                    *blind_spot_checks(TracedNamespace(opts.netns), warning, on_gone=stop.set),
+                    Periodic(0.5, lambda now: _stop_if_stdout_reader_left(stop))]
         remediator = build_remediator(opts.remediate, correlator, opts.netns,
                                       lambda r: log(r.to_json()))
         if remediator is not None:
@@ -91,13 +94,39 @@ def run_watch(
             on_ready=(lambda: on_ready(say)) if on_ready is not None else None,
         )
     finally:
-        for sink in sinks:
-            sink.close()
-        source.close()
-        if opts.ready_file is not None:
-            opts.ready_file.unlink(missing_ok=True)
+        try:
+            for sink in sinks:
+                sink.close()  # a reader that left makes this fail (EPIPE): still clean up
+        finally:
+            source.close()
+            if opts.ready_file is not None:
+                opts.ready_file.unlink(missing_ok=True)
     _report(summary, json_sink)
     return summary
+
+
+def stdout_reader_left(fd: int = 1) -> bool:
+    """True when ``fd`` is a pipe whose reader closed it (``watch | head -1``): the write
+    end then polls POLLERR (pipe_poll() in fs/pipe.c, once ``pipe->readers`` is 0)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def stdout_to_devnull() -> None:
+    """Send what is still written to stdout nowhere: its reader has left."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def _stop_if_stdout_reader_left(stop: threading.Event) -> list[Finding]:
+    # Between snapshots the table view writes nothing, so no EPIPE would tell: nobody
+    # reads any more, so the run ends like a Ctrl-C, its last output going nowhere.
+    if not stop.is_set() and stdout_reader_left():
+        stdout_to_devnull()
+        stop.set()
+    return []
 
 
 def _report(summary: Summary, json_sink: object | None) -> None:

@@ -53,3 +53,17 @@ def test_early_drops_at_a_full_table_become_a_warning_line() -> None:
     assert (line["kind"], line["reason"], line["early_drop"]) == (
         "warning", "conntrack-table-full", 47_856)
     assert "nf_conntrack_max 262144" in str(line["msg"])
+
+
+def test_a_pipe_whose_reader_left_is_seen() -> None:
+    import os
+
+    from cttrace.watch import stdout_reader_left
+
+    read_end, write_end = os.pipe()
+    try:
+        assert not stdout_reader_left(write_end)
+        os.close(read_end)
+        assert stdout_reader_left(write_end)
+    finally:
+        os.close(write_end)

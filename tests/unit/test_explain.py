@@ -45,3 +45,13 @@ def test_tuple_selection_and_no_match_error(tmp_path: Path) -> None:
     assert miss.returncode == 2
     assert miss.stderr.strip() == f"cttrace: error: no finding in {path} matches"
 
+
+
+def test_a_2_and_1_capture_has_its_stderr_lines_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "capture.log"
+    path.write_bytes(b"cttrace: bpf source unavailable; using netlink\n" + wrong_pod_line()
+                     + b"\nTraceback (most recent call last):\n")
+    ok = subprocess.run([sys.executable, "-m", "cttrace", "explain", str(path)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "first reply from 10.244.1.5:8080" in ok.stdout
+    assert "skipped 2 lines" in ok.stderr and "line 1" in ok.stderr

@@ -1,7 +1,10 @@
 """The interactive ``cttrace watch`` view (rich): flows, findings, a status line.
 
 It redraws only from the pipeline's own thread (on status ticks and findings),
-so it reads the correlator's tables without locks.
+so it reads the correlator's tables without locks. On a terminal it redraws in
+place; into a pipe or file (``watch -o table | head``), where nothing can be
+redrawn, it prints a snapshot at the start, at each finding, every
+:data:`SNAPSHOT_S` seconds and at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ _SEVERITY_STYLE = {Severity.CRITICAL: "bold white on red", Severity.WARNING: "bo
 _SHOWN_EXTRAS = frozenset({"kretprobe_misses", "dropped_messages", "malformed"})
 _MAX_ROWS = 15
 _MAX_FINDINGS = 8
+#: Seconds between snapshots of the view when the output is not a terminal.
+SNAPSHOT_S = 10.0
 
 
 class LiveView:
@@ -38,8 +43,11 @@ class LiveView:
         self.console = console or Console()
         self.recent: deque[Finding] = deque(maxlen=_MAX_FINDINGS)
         self._status: Status | None = None
-        self._live = Live(console=self.console, auto_refresh=False, transient=False)
-        self._live.start()
+        self._live: Live | None = None
+        self._snapshot_at = float("-inf")
+        if self.console.is_terminal:
+            self._live = Live(console=self.console, auto_refresh=False, transient=False)
+            self._live.start()
 
     def say(self, text: str) -> None:
         """A line of narration printed above the live area (thread-safe: rich locks)."""
@@ -49,7 +57,7 @@ class LiveView:
     def finding(self, finding: Finding) -> None:
         if self.filter.finding(finding):
             self.recent.append(finding)
-            self._redraw()
+            self._redraw(snapshot=True)
 
     def event(self, event: Event) -> None:
         pass  # the table is drawn from the correlator's entries
@@ -59,10 +67,19 @@ class LiveView:
         self._redraw()
 
     def close(self) -> None:
-        self._redraw()
-        self._live.stop()
+        self._redraw(snapshot=True)
+        if self._live is not None:
+            self._live.stop()
 
-    def _redraw(self) -> None:
+    def _redraw(self, *, snapshot: bool = False) -> None:
+        """Redraw in place; not on a terminal, print a snapshot when due (or ``snapshot``)."""
+        if self._live is None:
+            now = time.monotonic()
+            if not snapshot and now - self._snapshot_at < SNAPSHOT_S:
+                return
+            self._snapshot_at = now
+            self.console.print(Group(self._flows(), self._findings(), self._status_line()))
+            return
         self._live.update(Group(self._flows(), self._findings(), self._status_line()),
                           refresh=True)
 
