@@ -14,6 +14,7 @@ import pytest
 
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.results import ScenarioResult
+from tests.lab_checks import by_family
 from tests.watch_process import WatchProcess, owner, ref
 
 pytestmark = pytest.mark.kernel
@@ -53,8 +54,9 @@ def ts(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339).timestamp()
 
 
-def test_recycled_ip_is_a_critical_wrong_pod_naming_everyone(tmp_path: Path) -> None:
-    with traced(tmp_path, "recycled-ip") as (bg, watch):
+@pytest.mark.parametrize("family", ["4", "6", "dual"], ids=["ipv4", "ipv6", "dual-stack"])
+def test_recycled_ip_is_a_critical_wrong_pod_naming_everyone(tmp_path: Path, family: str) -> None:
+    with traced(tmp_path, "recycled-ip", family=family) as (bg, watch):
         wp = watch.wait_for(lambda x: x.get("rule") == "wrong-pod", timeout=60)
         result = bg.result(timeout=60)
         watch.wait_for(lambda x: x.get("rule") == "late-establish", timeout=10)
@@ -85,8 +87,9 @@ def test_recycled_ip_without_identity_still_yields_late_establish(tmp_path: Path
     assert watch.findings("wrong-pod") == []
 
 
-def test_dead_pod_is_a_dead_endpoint(tmp_path: Path) -> None:
-    with traced(tmp_path, "dead-pod", "--dead-after", "2") as (bg, watch):
+@by_family
+def test_dead_pod_is_a_dead_endpoint(tmp_path: Path, family: str) -> None:
+    with traced(tmp_path, "dead-pod", "--dead-after", "2", family=family) as (bg, watch):
         de = watch.wait_for(lambda x: x.get("rule") == "dead-endpoint", timeout=60)
         result = bg.result(timeout=60)
         finish(watch)
@@ -97,9 +100,10 @@ def test_dead_pod_is_a_dead_endpoint(tmp_path: Path) -> None:
     assert watch.findings("wrong-pod") == []
 
 
-def test_bridge_without_br_netfilter_is_an_unnated_reply(tmp_path: Path) -> None:
+@by_family
+def test_bridge_without_br_netfilter_is_an_unnated_reply(tmp_path: Path, family: str) -> None:
     with traced(tmp_path, "bridge-no-brnf", "--late-after", "1", "--identity-grace", "2",
-                brnf=False) as (bg, watch):
+                brnf=False, family=family) as (bg, watch):
         ur = watch.wait_for(lambda x: x.get("rule") == "unnated-reply", timeout=60)
         result = bg.result(timeout=60)
         finish(watch)
@@ -109,9 +113,10 @@ def test_bridge_without_br_netfilter_is_an_unnated_reply(tmp_path: Path) -> None
     assert owner(ur, "new_owner") == ref(result.old_pod)
 
 
-def test_bridge_with_br_netfilter_is_quiet(tmp_path: Path) -> None:
+@by_family
+def test_bridge_with_br_netfilter_is_quiet(tmp_path: Path, family: str) -> None:
     with traced(tmp_path, "bridge-no-brnf", "--late-after", "1", "--identity-grace", "2",
-                brnf=True) as (bg, watch):
+                brnf=True, family=family) as (bg, watch):
         result = bg.result(timeout=60)
         # The rule would have fired 3 s after the SYN: watch that long past it.
         deadline = time.time() + 5.0
@@ -122,8 +127,10 @@ def test_bridge_with_br_netfilter_is_quiet(tmp_path: Path) -> None:
     assert watch.findings() == []
 
 
-def test_remediate_gives_the_retry_a_fresh_decision(tmp_path: Path) -> None:
-    with traced(tmp_path, "recycled-ip", "--remediate") as (bg, watch):
+@by_family
+def test_remediate_gives_the_retry_a_fresh_decision(tmp_path: Path, family: str) -> None:
+    """On IPv6 too: the ctnetlink delete of an IPv6 entry (CTA_IP_V6_SRC/DST tuple)."""
+    with traced(tmp_path, "recycled-ip", "--remediate", family=family) as (bg, watch):
         rem = watch.wait_for(lambda x: x.get("kind") == "remediation", timeout=60)
         result = bg.result(timeout=60)
         finish(watch)
