@@ -305,8 +305,13 @@ def test_netlink_and_bpf_see_the_same_entry_and_transitions(
     assert (nl_new.orig, nl_new.reply, nl_new.tcp_state) == (new.orig, new.reply, new.tcp_state)
     assert (nl_destroy.orig, nl_destroy.reply) == (bpf_destroy.orig, bpf_destroy.reply)
 
-    # ctnetlink reports every state; keep the changes the bpf programs report
-    # (out of a no-reply state, into a state a rule reads): the two must agree.
+    # ctnetlink reports the state changes; keep those the bpf programs report (out of a
+    # no-reply state, into a state a rule reads): the two must agree. One caveat: an event
+    # ctnetlink could not deliver at once is merged into the next one, which carries the
+    # state of that moment (nf_conntrack_ecache keeps the missed event bits and re-sends
+    # them with the next event), so an intermediate closing state such as LAST_ACK may be
+    # absent from ctnetlink's side (seen on 6.12 under emulation: 4 -> 7 where bpf saw
+    # 6 -> 7). Hence: the same changes out of no-reply states, and the same states entered.
     seen = nl_log.matching(ct(CtKind.NEW, orig=flow)) + nl_log.matching(
         ct(CtKind.UPDATE, orig=flow)
     )
@@ -315,5 +320,8 @@ def test_netlink_and_bpf_see_the_same_entry_and_transitions(
     wanted = [
         (a, b) for a, b in nl_changes if a in UNREPLIED_TCP_STATES or b in WANTED_TCP_STATES
     ]
-    assert wanted == transitions(tracer, new)
-    assert (TcpState.LAST_ACK, TcpState.TIME_WAIT) in nl_changes  # ctnetlink saw the close
+    reported = transitions(tracer, new)
+    assert [(a, b) for a, b in wanted if a in UNREPLIED_TCP_STATES] == [
+        (a, b) for a, b in reported if a in UNREPLIED_TCP_STATES]
+    assert [b for _, b in wanted] == [b for _, b in reported]
+    assert nl_changes[-1][1] == TcpState.TIME_WAIT  # ctnetlink saw the close
