@@ -17,7 +17,7 @@ from cttrace.errors import UserError
 from cttrace.findings import Finding
 from cttrace.identity.model import IdentityView
 from cttrace.remediate import Mode
-from cttrace.rules import snat_collision
+from cttrace.rules import MAX_ENTRIES, snat_collision
 from cttrace.runtime import IdentityPoller, Periodic
 from cttrace.sources import Source
 from cttrace.sources.select import SourceKind
@@ -61,7 +61,7 @@ def default_max_entries(netns: str | None) -> int:
     never below the built-in 262144. The built-in when it cannot be read."""
     from cttrace.metrics import read_conntrack_fill
 
-    floor = Settings().max_entries
+    floor = MAX_ENTRIES
     try:
         return max(floor, read_conntrack_fill(netns)["max"])
     except (OSError, ValueError, UserError):

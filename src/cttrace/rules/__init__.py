@@ -19,6 +19,7 @@ from cttrace.rules._spec import (
     FINISHED_STATES,
     FIRST_REPLY_STATES,
     IDENTITY_GRACE,
+    MAX_ENTRIES,
     Checker,
     Context,
     RuleSpec,
@@ -28,7 +29,8 @@ from cttrace.rules._spec import (
 )
 
 __all__ = [
-    "FINISHED_STATES", "FIRST_REPLY_STATES", "IDENTITY_GRACE", "RULES", "UNREPLIED_TCP_STATES",
+    "FINISHED_STATES", "FIRST_REPLY_STATES", "IDENTITY_GRACE", "MAX_ENTRIES", "RULES",
+    "UNREPLIED_TCP_STATES",
     "WANTED_TCP_STATES", "Checker", "Context", "RuleSpec", "Setting", "Settings",
     "TrackedEntry", "by_id", "ids", "readme_table", "settings_of", "unknown_settings",
 ]

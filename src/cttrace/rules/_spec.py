@@ -34,6 +34,10 @@ class Setting:
     """The command-line option (``--late-after``); empty: not a command-line option."""
 
 
+#: The correlator's entry bound when the node's nf_conntrack_max is not known (or lower).
+MAX_ENTRIES = 262_144
+
+
 class Settings:
     """How the rules decide: a value for every :class:`Setting` given, the default for the rest.
 
@@ -42,14 +46,14 @@ class Settings:
 
     __slots__ = ("max_entries", "values")
 
-    def __init__(self, *, max_entries: int = 262_144, **values: float) -> None:
+    def __init__(self, *, max_entries: int = MAX_ENTRIES, **values: float) -> None:
         self.max_entries: int = max_entries
         """Bound on tracked entries; beyond it the oldest that no rule needs is evicted
         (counted by reason); an unreplied entry goes only when nothing else is left."""
         self.values = values
 
     @classmethod
-    def of(cls, values: Mapping[str, float], *, max_entries: int = 262_144) -> Settings:
+    def of(cls, values: Mapping[str, float], *, max_entries: int = MAX_ENTRIES) -> Settings:
         """The settings a command line gave, by name."""
         settings = cls(max_entries=max_entries)
         settings.values = dict(values)
