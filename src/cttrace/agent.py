@@ -14,12 +14,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from cttrace.agent_options import AgentOptions
 from cttrace.assemble import (
-    TraceOptions,
     build_remediator,
     build_tracing,
     snat_check,
@@ -35,21 +34,6 @@ from cttrace.remediate import Remediation
 from cttrace.runtime import Pipeline, Sink, Status
 from cttrace.sinks.jsonl import JsonLinesSink
 from cttrace.sources.select import open_source
-
-
-@dataclass(slots=True)
-class AgentOptions(TraceOptions):
-    listen: str = "0.0.0.0:19808"
-    alertmanager_urls: list[str] = field(default_factory=list)
-    node: str = ""
-    generator_url: str = ""
-    resend_interval: float = 60.0
-    alert_hold: float = 300.0
-    alert_queue: int = 10_000
-    basic_auth: tuple[str, str] | None = None
-    bearer_token: str | None = None
-    ca_file: str | None = None
-    shutdown_deadline: float = 10.0
 
 
 def default_node() -> str:

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from cttrace import flag_checks
+from cttrace.agent_options import DEFAULTS as AGENT
 from cttrace.errors import UserError
 from cttrace.remediate import Mode as RemediateMode
 from cttrace.rules import RULES, settings_of
@@ -282,7 +283,7 @@ def agent(
         "--no-kube", help="Do not use the Kubernetes API even when running in a pod.")] = False,
     listen: Annotated[str, typer.Option(
         "--listen", callback=flag_checks.listen_address,
-        help="HOST:PORT for /metrics, /healthz and /readyz.")] = "0.0.0.0:19808",
+        help="HOST:PORT for /metrics, /healthz and /readyz.")] = AGENT.listen,
     alertmanager_url: Annotated[list[str] | None, typer.Option(
         "--alertmanager-url", callback=flag_checks.alertmanager_urls,
         help="Send alerts to this Alertmanager (repeat for every member "
@@ -295,15 +296,15 @@ def agent(
         "--generator-url", help="Link in each alert (default: http://NODE:PORT/).")] = None,
     resend_interval: Annotated[float, typer.Option(
         "--alert-resend-interval", help="Seconds between re-sends of an active alert; keep it "
-        "below Alertmanager's resolve_timeout (default 5m).", min=1.0)] = 60.0,
+        "below Alertmanager's resolve_timeout (default 5m).", min=1.0)] = AGENT.resend_interval,
     alert_hold: Annotated[float, typer.Option(
         "--alert-hold", help="Seconds a one-shot finding's alert stays active before it is "
-        "resolved.", min=0.0)] = 300.0,
+        "resolved.", min=0.0)] = AGENT.alert_hold,
     alert_queue: Annotated[int, typer.Option(
         "--alert-queue", help="Alerts not yet accepted by every Alertmanager that are held "
         "for delivery (delivered ones kept for re-sending do not count). When full, the least "
         "severe is dropped first, logged and counted in "
-        "cttrace_alertmanager_dropped_alerts_total.", min=1)] = 10_000,
+        "cttrace_alertmanager_dropped_alerts_total.", min=1)] = AGENT.alert_queue,
     alertmanager_user: Annotated[str | None, typer.Option(
         "--alertmanager-user", help="Basic auth user (password from "
         "$CTTRACE_ALERTMANAGER_PASSWORD).")] = None,
@@ -315,14 +316,15 @@ def agent(
     remediate: RemediateOpt = RemediateMode.OFF,
     shutdown_deadline: Annotated[float, typer.Option(
         "--shutdown-deadline", help="Seconds SIGTERM may take to flush alerts before exit.",
-        min=0.0)] = 10.0,
+        min=0.0)] = AGENT.shutdown_deadline,
     ready_file: ReadyFileOpt = None,
     rule_settings: dict[str, float] | None = None,
 ) -> None:
     """Run as the node agent: JSON logs, /metrics, /healthz, /readyz and Alertmanager alerts."""
     import os
 
-    from cttrace.agent import AgentOptions, run_agent
+    from cttrace.agent import run_agent
+    from cttrace.agent_options import AgentOptions
 
     try:
         basic_auth = None
