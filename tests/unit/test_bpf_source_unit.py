@@ -66,7 +66,15 @@ class FakeBpf:
         # tracepoint_fds[b"cat:name"] = fd (the tracepoints it attached by itself at load).
         self.kprobe_fds: dict[bytes, dict[bytes, int]] = {}
         self.tracepoint_fds: dict[bytes, int] = {b"tcp:tcp_receive_reset": 9}
+        # kfunc_entry_fds[b"kfunc__<function>"] = fd: fentry programs (attached at load).
+        self.kfunc_entry_fds: dict[bytes, int] = {}
         self.calls: list[tuple[str, bytes, bytes]] = []
+
+    def attach_kfunc(self, fn_name: bytes) -> None:
+        self.kfunc_entry_fds[b"kfunc__" + fn_name] = 5
+
+    def detach_kfunc(self, fn_name: bytes) -> None:
+        del self.kfunc_entry_fds[fn_name]
 
     def _add(self, ev_name: bytes, fn_name: str) -> None:
         self.kprobe_fds.setdefault(ev_name, {})[fn_name.encode()] = 3
@@ -194,7 +202,8 @@ def test_detach_and_attach_again_without_compiling(
     opened: tuple[BpfSource, FakeBpf, Path],
 ) -> None:
     source, fake, _ = opened
-    source._attach(BpfSettings())  # what open() attached
+    source._settings = BpfSettings(fentry=False)  # a kernel without BTF: tcp_connect's kprobe
+    source._attach(source._settings)  # what open() attached
     attached = {ev: set(fns) for ev, fns in fake.kprobe_fds.items()}
     assert b"r___nf_conntrack_confirm" in attached and b"p_tcp_connect" in attached
     source.detach()
@@ -204,6 +213,22 @@ def test_detach_and_attach_again_without_compiling(
     assert ("attach_tracepoint", b"tcp:tcp_receive_reset",
             b"tracepoint__tcp__tcp_receive_reset") in fake.calls
     assert not fake.cleaned
+
+
+def test_tcp_connect_through_fentry_detaches_and_attaches_again(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    source, fake, _ = opened
+    source._settings = BpfSettings(fentry=True)
+    source._attach(source._settings)
+    assert fake.kfunc_entry_fds == {b"kfunc__tcp_connect": 5}
+    assert b"p_tcp_connect" not in fake.kprobe_fds
+    assert source.hooks()["tcp_connect"][0] == "fentry"
+    assert source.hooks()["nf_conntrack_tcp_packet"][0] == "kprobe+kretprobe"
+    source.detach()
+    assert fake.kfunc_entry_fds == {}
+    source.attach()
+    assert fake.kfunc_entry_fds == {b"kfunc__tcp_connect": 5}
 
 
 def test_close_detaches_through_bcc(opened: tuple[BpfSource, FakeBpf, Path]) -> None:
