@@ -41,6 +41,8 @@ from cttrace.sources.bpf_layout import (
     CNT_NOT_ACCEPTED,
     CNT_STASH_FULL,
     NR_COUNTERS,
+    CttTracked,
+    addr_key,
 )
 from cttrace.sources.probe import BpfFeatures
 
@@ -58,9 +60,45 @@ class FakeCounters:
         return ctypes.c_uint64(self.values[slot])
 
 
+class _Addr(ctypes.Structure):
+    _fields_ = (("addr", ctypes.c_uint8 * 16),)
+
+
+class FakeWatched:
+    """``bpf["ctt_watched"]``: a hash of struct ctt_addr -> __u8, as BCC's Table shows it."""
+
+    Key = _Addr
+    Leaf = ctypes.c_uint8
+
+    def __init__(self) -> None:
+        self.keys: set[bytes] = set()
+
+    def __setitem__(self, key: _Addr, leaf: ctypes.c_uint8) -> None:
+        self.keys.add(bytes(key))
+
+    def __delitem__(self, key: _Addr) -> None:
+        self.keys.remove(bytes(key))
+
+
+class FakeTracked:
+    """``bpf["ctt_tracked"]``: the kernel's kept entries, nf_conn address -> struct."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, CttTracked] = {}
+
+    def items(self) -> list[tuple[ctypes.c_uint64, CttTracked]]:
+        return [(ctypes.c_uint64(k), CttTracked.from_buffer_copy(bytes(v)))
+                for k, v in self.entries.items()]
+
+    def __setitem__(self, key: ctypes.c_uint64, value: CttTracked) -> None:
+        self.entries[key.value] = value
+
+
 class FakeBpf:
     def __init__(self) -> None:
         self.counters = FakeCounters()
+        self.watched = FakeWatched()
+        self.tracked = FakeTracked()
         self.cleaned = False
         # What BCC keeps of attached probes: kprobe_fds[ev_name][fn_name] = fd, and
         # tracepoint_fds[b"cat:name"] = fd (the tracepoints it attached by itself at load).
@@ -97,7 +135,11 @@ class FakeBpf:
         del self.tracepoint_fds[tp]
         self.calls.append(("detach_tracepoint", tp, b""))
 
-    def __getitem__(self, name: str) -> FakeCounters:
+    def __getitem__(self, name: str) -> object:
+        if name == "ctt_watched":
+            return self.watched
+        if name == "ctt_tracked":
+            return self.tracked
         assert name == "ctt_counters"
         return self.counters
 
@@ -229,6 +271,41 @@ def test_tcp_connect_through_fentry_detaches_and_attaches_again(
     assert fake.kfunc_entry_fds == {}
     source.attach()
     assert fake.kfunc_entry_fds == {b"kfunc__tcp_connect": 5}
+
+
+def kept(target: str, *, replied: bool, reported: bool = False) -> CttTracked:
+    t = CttTracked()
+    t.created_ns, t.replied_ns, t.l3num = 5_000_000_000, 5_010_000_000 if replied else 0, 2
+    t.state, t.reported = 3 if replied else 1, int(reported)
+    t.orig.saddr[:4] = bytes([10, 0, 0, 2])
+    t.orig.daddr[:4] = bytes([10, 96, 0, 10])
+    t.reply.saddr[:] = addr_key(target)
+    return t
+
+
+def test_a_watched_target_replays_the_entries_the_kernel_kept_toward_it(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    """dead-endpoint needs the live entries toward an IP once its pod is gone: watching the
+    IP puts it in the kernel's map and replays, at the next read, every kept entry toward it
+    that userspace does not hold yet, marking it reported so its changes follow."""
+    source, fake, _ = opened
+    fake.tracked.entries = {
+        0x1000: kept("10.244.0.7", replied=True),
+        0x2000: kept("10.244.0.8", replied=True),  # another target
+        0x3000: kept("10.244.0.7", replied=True, reported=True),  # userspace has it
+    }
+    source.watch_target("10.244.0.7")
+    source.watch_target("10.244.0.7")  # once
+    assert fake.watched.keys == {addr_key("10.244.0.7")}
+    events = source.read()
+    assert [(e.kind.name, e.entry_id) for e in events] == [("NEW", 0x1000), ("UPDATE", 0x1000)]
+    assert fake.tracked.entries[0x1000].reported == 1
+    assert fake.tracked.entries[0x2000].reported == 0
+    assert source.read() == []  # replayed once
+    assert source.stats().extra["watched_targets"] == 1
+    source.unwatch_target("10.244.0.7")
+    assert fake.watched.keys == set()
 
 
 def test_close_detaches_through_bcc(opened: tuple[BpfSource, FakeBpf, Path]) -> None:
