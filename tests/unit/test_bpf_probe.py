@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cttrace.errors import SourceError
+from cttrace.rules import Settings
 from cttrace.sources.bpf import BpfSettings, program_text, settings_for, settings_for_rules
 from cttrace.sources.probe import (
     REQUIRED_KPROBES,
@@ -167,7 +168,7 @@ def test_only_streaming_every_record_attaches_the_received_reset_tracepoint() ->
 
 
 def test_the_kernel_filter_is_derived_from_the_rules_settings() -> None:
-    settings = settings_for_rules(2.5, 0.75)
+    settings = settings_for_rules(Settings(late_after=2.5, inherit_window=0.75))
     assert (settings.late_after_ns, settings.inherit_ns) == (2_500_000_000, 750_000_000)
     defines = settings.defines()
     assert "#define CTT_LATE_NS 2500000000ULL\n" in defines
