@@ -249,7 +249,10 @@ def test_a_storm_of_healthy_connections_sends_no_record_per_connection(
     assert reported <= 0.01 * tracked, (reported, tracked)
     assert source_counter(after, "entry_map_evictions") == source_counter(
         before, "entry_map_evictions")
-    assert [x for x in watch.lines if x.get("kind") == "finding"
+    # From the storm's first status line on (earlier tests drove this topology's flow into
+    # findings of their own on purpose: the second-socket test's inherited entry).
+    during = watch.lines[next(i for i, x in enumerate(watch.lines) if x is before):]
+    assert [x for x in during if x.get("kind") == "finding"
             and (x["orig"]["src"], x["orig"]["dst"]) == (CLIENT_IP, VIP)] == []
     hooks = watch.wait_for(lambda x: x.get("kind") == "source", timeout=0)["hooks"]
     assert hooks["tcp_connect"]["mode"] == "fentry", hooks
