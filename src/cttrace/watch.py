@@ -56,10 +56,10 @@ def run_watch(
                        rules=opts.rules)
     correlator, pollers = build_tracing(opts)
     table = opts.output == "table" or (opts.output == "auto" and sys.stdout.isatty())
-    # The live table shows every entry and --flows prints every event: both need every
-    # record; otherwise the kernel sends only what a rule may need.
+    # --flows prints every event: it needs every record; otherwise the kernel sends only
+    # what a rule may need (the live table reads the rest from the kernel's map).
     source, note = open_source(opts.source, opts.netns, settings_for_rules(
-        correlator.settings, stream_all=table or opts.flows))
+        correlator.settings, stream_all=opts.flows))
     targets = follow_targets(correlator.identity, source, opts.netns)
     json_sink = None
     sinks: list[Sink] = []
@@ -70,7 +70,8 @@ def run_watch(
         if table:
             from cttrace.sinks.live import LiveView
 
-            view = LiveView(correlator, correlator.identity, flt)
+            view = LiveView(correlator, correlator.identity, flt,
+                            kept=getattr(source, "kept_entries", None))
             say = view.say
             sinks.append(view)
         else:

@@ -12,6 +12,7 @@ import ctypes
 import io
 import os
 import select
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -306,6 +307,33 @@ def test_a_watched_target_replays_the_entries_the_kernel_kept_toward_it(
     assert source.stats().extra["watched_targets"] == 1
     source.unwatch_target("10.244.0.7")
     assert fake.watched.keys == set()
+
+
+def test_the_live_table_shows_the_entries_the_kernel_keeps_read_at_refresh(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    """The kernel sends nothing of a healthy entry, so the live table reads those from the
+    kernel's map when it redraws, beside the correlator's own (reported) entries."""
+    source, fake, _ = opened
+    healthy = kept("10.244.0.7", replied=True)
+    healthy.orig.sport_be, healthy.orig.dport_be = socket.htons(40001), socket.htons(80)
+    unanswered = kept("10.244.0.8", replied=False)
+    unanswered.orig.sport_be = socket.htons(40002)
+    fake.tracked.entries = {0x1000: healthy, 0x2000: unanswered,
+                            0x3000: kept("10.244.0.9", replied=True, reported=True)}
+    entries = {e.entry_id: e for e in source.kept_entries()}
+    assert set(entries) == {0x1000, 0x2000}  # the reported one is the correlator's
+    assert entries[0x1000].orig == ("10.0.0.2", 40001, "10.96.0.10", 80)
+    assert entries[0x1000].target_ip == "10.244.0.7" and entries[0x1000].replied is not None
+    assert entries[0x2000].replied is None
+
+    console = Console(file=io.StringIO(), width=300, record=True)
+    view = LiveView(Correlator(), None, console=console, kept=source.kept_entries)
+    view.close()
+    screen = console.export_text()
+    assert "10.0.0.2:40001" in screen and "10.244.0.7:0" in screen
+    assert "10.0.0.2:40002" in screen and "SYN_SENT" in screen
+    assert "10.244.0.9" not in screen
 
 
 def test_close_detaches_through_bcc(opened: tuple[BpfSource, FakeBpf, Path]) -> None:

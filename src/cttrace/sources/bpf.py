@@ -30,8 +30,9 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from cttrace.correlator import Entry
 from cttrace.errors import SourceError
-from cttrace.events import Event, Lost
+from cttrace.events import CtStatus, Event, Lost
 from cttrace.rules import UNREPLIED_TCP_STATES, WANTED_TCP_STATES, Settings
 from cttrace.rules.inherited_entry import INHERIT_WINDOW
 from cttrace.rules.late_establish import LATE_AFTER
@@ -53,6 +54,7 @@ from cttrace.sources.bpf_layout import (
     addr_key,
     decode,
     tracked_events,
+    tracked_flows,
 )
 from cttrace.sources.probe import SEND_RESET_KPROBE, BpfFeatures, check_bpf
 
@@ -106,7 +108,7 @@ class BpfSettings:
     """Also report resets local sockets receive (tcp:tcp_receive_reset); with ``stream_all``
     only: no rule needs them."""
     stream_all: bool = False
-    """Send every record to userspace (``--flows``, the live table, the record-level tests);
+    """Send every record to userspace (``--flows``, the record-level tests);
     False: the kernel keeps each entry and sends it only once a rule may need it."""
     late_after_ns: int = round(LATE_AFTER.default * 1e9)
     """An entry unreplied this long is sent: ``--late-after``, the earliest a first-reply
@@ -151,8 +153,7 @@ def _state_bits(states: frozenset[int]) -> int:
 def settings_for_rules(rules: Settings, *, stream_all: bool = False) -> BpfSettings:
     """The settings that let the kernel send exactly what the rules may need: an entry
     unreplied ``--late-after`` seconds, a connect() within inherited-entry's
-    ``inherit_window`` of its entry's confirm. ``stream_all``: every record (``--flows``,
-    the live table)."""
+    ``inherit_window`` of its entry's confirm. ``stream_all``: every record (``--flows``)."""
     return BpfSettings(stream_all=stream_all, late_after_ns=_ns(rules[LATE_AFTER]),
                        inherit_ns=_ns(rules[INHERIT_WINDOW]))
 
@@ -363,6 +364,19 @@ class BpfSource:
                 table[key] = value  # races the kernel's own update: at worst a state is stale
             except Exception:  # BCC raises bare Exception; the entry was deleted meanwhile
                 continue
+        return out
+
+    def kept_entries(self) -> list[Entry]:
+        """The entries the kernel keeps and has sent nothing of (healthy so far), read from
+        its map now: what the live table shows beside the correlator's own entries at each
+        refresh, where otherwise every record of every connection would stream to userspace."""
+        if self._bpf is None:
+            return []
+        out: list[Entry] = []
+        for key, value in self._bpf["ctt_tracked"].items():
+            tracked = CttTracked.from_buffer_copy(bytes(value))
+            if not tracked.reported:
+                out.append(kept_entry(int(key.value), tracked, self._mono_to_wall))
         return out
 
     # --- Source protocol ---------------------------------------------------------------
@@ -580,6 +594,18 @@ class BpfSource:
             )
             out.append(Lost(time.time(), self.name, lost - self._kernel_lost_seen, reason))
             self._kernel_lost_seen = lost
+
+
+def kept_entry(ct_ptr: int, t: CttTracked, mono_to_wall: float) -> Entry:
+    """A kept entry as the correlator's :class:`Entry` (for display: no rule reads it)."""
+    orig, reply = tracked_flows(t)
+    created = t.created_ns / 1e9 + mono_to_wall
+    replied = t.replied_ns / 1e9 + mono_to_wall if t.replied_ns else None
+    status = t.status | (int(CtStatus.SEEN_REPLY) if replied is not None else 0)
+    return Entry(entry_id=ct_ptr, orig_tuple=(orig.src, orig.sport, orig.dst, orig.dport),
+                 target_ip=reply.src,
+                 target_port=reply.sport, created=created, state=t.state, status=status,
+                 source="bpf", last_seen=replied or created, replied=replied)
 
 
 def _compile(bpf_class: Any, text: str, features: BpfFeatures) -> Any:

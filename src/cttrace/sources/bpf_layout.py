@@ -208,7 +208,7 @@ def tracked_events(ct_ptr: int, t: CttTracked, mono_to_wall: float = 0.0) -> lis
     out: list[Event] = []
     if t.creator.hdr.kind == EV_CONNECT:
         out.append(_connect(t.creator, t.creator.hdr.ts_ns / 1e9 + mono_to_wall))
-    orig, reply = _flow(t.orig, t.l3num), _flow(t.reply, t.l3num)
+    orig, reply = tracked_flows(t)
     status = t.status & _UNANSWERED
     out.append(CtEvent(kind=CtKind.NEW, ts=t.created_ns / 1e9 + mono_to_wall, entry_id=ct_ptr,
                        orig=orig, reply=reply, tcp_state=int(TcpState.SYN_SENT), status=status,
@@ -220,6 +220,11 @@ def tracked_events(ct_ptr: int, t: CttTracked, mono_to_wall: float = 0.0) -> lis
                            old_tcp_state=int(TcpState.SYN_SENT), zone=t.zone, mark=t.mark,
                            source="bpf"))
     return out
+
+
+def tracked_flows(t: CttTracked) -> tuple[Flow, Flow]:
+    """A kept entry's original and reply tuples."""
+    return _flow(t.orig, t.l3num), _flow(t.reply, t.l3num)
 
 
 def _connect(conn: CttConnectEvent, ts: float) -> SockConnect:
