@@ -69,8 +69,9 @@ MODULES = ("nf_conntrack", "nf_nat", "iptable_nat", "nf_conntrack_netlink", "vet
 #: Connections in a probes-only round at most, so that whatever records they send wait in the
 #: ring buffer (256 pages: ~8,000 records) until it ends, even were each to send 6.
 PROBES_ONLY_MAX = 1200
-#: One boot: ~14 s boot, ~60-110 s BCC compile, the rounds; killed after this.
-VM_TIMEOUT_S = 900.0
+#: One boot: ~14-55 s boot, ~2-7 min BCC compile (longer while other work shares the host),
+#: the rounds, the netlink and ``conntrack -E`` storms; killed after this.
+VM_TIMEOUT_S = 1500.0
 
 
 # -- guest side -----------------------------------------------------------------------------------
