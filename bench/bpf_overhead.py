@@ -27,9 +27,12 @@ guest --out DIR``), :func:`measure`:
   so that its records fit in the ring buffer, and between two rounds without
   probes of the same size);
 * the source's kernel-side counts per with-round: records emitted (and
-  delivered to userspace, by kind), entries and state changes filtered in the
-  kernel, records lost, kretprobe misses; and one more storm straight to the
-  pod's IP (no NAT), where the kernel filters every entry.
+  delivered to userspace, by kind), entries kept and reported, entries and
+  state changes filtered in the kernel, records lost, kretprobe misses, and
+  each BPF program's runs (``kernel.bpf_stats_enabled``: probe hits by hook);
+  one more storm straight to the pod's IP (no NAT), where the kernel filters
+  every entry; and one storm each watched by the netlink source and by
+  ``conntrack -E`` instead, for their CPU seconds.
 
 Each connection's whole conntrack life happens inside its round: the node's
 TIME_WAIT timeout is set to 1 s and the table is flushed before and after
@@ -63,11 +66,12 @@ RESULT_NAME = "bpf_overhead.json"
 #: Modules the probes need loaded before attaching (as tests/vm/guest.sh).
 MODULES = ("nf_conntrack", "nf_nat", "iptable_nat", "nf_conntrack_netlink", "veth",
            "br_netfilter")
-#: Connections in a probes-only round at most: their 5-6 records each (NEW, 2-3 UPDATE,
-#: connect, DESTROY) wait in the ring buffer (256 pages: ~8,000 records) until it ends.
+#: Connections in a probes-only round at most, so that whatever records they send wait in the
+#: ring buffer (256 pages: ~8,000 records) until it ends, even were each to send 6.
 PROBES_ONLY_MAX = 1200
-#: One boot: ~14 s boot, ~60-110 s BCC compile, the rounds; killed after this.
-VM_TIMEOUT_S = 900.0
+#: One boot: ~14-55 s boot, ~2-7 min BCC compile (longer while other work shares the host),
+#: the rounds, the netlink and ``conntrack -E`` storms; killed after this.
+VM_TIMEOUT_S = 1500.0
 
 
 # -- guest side -----------------------------------------------------------------------------------
@@ -142,6 +146,11 @@ def _kernel_counts(stats: Any) -> dict[str, int]:
     return {"filtered_entries": stats.filtered,
             "filtered_transitions": extra.get("filtered_transitions", 0),
             "lost": stats.lost,
+            "records_emitted": extra.get("records_emitted", 0),
+            "entries_tracked": extra.get("entries_tracked", 0),
+            "entries_reported": extra.get("entries_reported", 0),
+            "kept_in_kernel": extra.get("kept_in_kernel", 0),
+            "entry_map_evictions": extra.get("entry_map_evictions", 0),
             "kprobe_misses": extra.get("kprobe_misses", 0),
             "kretprobe_misses": extra.get("kretprobe_misses", 0)}
 
@@ -164,6 +173,7 @@ class _Attached:
         self.transitions_before = Counter(self.source.transitions)
         self.reads0, self.read_s0 = self.source.reads, self.source.read_s
         self.cpu0 = _cpu_self()
+        self.runs0 = self.source.source.program_runs()
         self.source.source.attach()
         if self.reader:
             self._start_reader()
@@ -196,6 +206,7 @@ class _Attached:
         if self.thread is not None:
             self.thread.join(timeout=30)
         misses = _kernel_counts(self.source.stats())  # tracefs' misses go with the probes
+        runs = self.source.source.program_runs()
         self.source.source.detach()
         self.source.read()  # whatever was written before the probes came off
         after = _kernel_counts(self.source.stats())
@@ -213,7 +224,67 @@ class _Attached:
             "reader_cpu_s": round(_cpu_self() - self.cpu0, 3),
             "reads": self.source.reads - self.reads0,
             "read_s": round(self.source.read_s - self.read_s0, 3),
+            # Runs of each BPF program and their time in the program itself (not the
+            # kprobe or trampoline around it), from kernel.bpf_stats_enabled.
+            "programs": {name: [n - self.runs0.get(name, (0, 0))[0],
+                                ns - self.runs0.get(name, (0, 0))[1]]
+                         for name, (n, ns) in sorted(runs.items())},
         }
+
+
+def _netlink_cpu(node: str, storm_round: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The netlink source (ctnetlink events in the node namespace) drained by the runtime
+    loop and correlator during one storm round: this process's CPU seconds."""
+    from cttrace.correlator import Correlator
+    from cttrace.runtime import Pipeline
+    from cttrace.sources.netlink import NetlinkSource
+
+    source = NetlinkSource(netns=node)
+    source.open()
+    stop = threading.Event()
+    pipeline = Pipeline(source, Correlator(), [_NullSink()], status_s=10.0)
+    cpu0 = _cpu_self()
+    thread = threading.Thread(target=pipeline.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        res = storm_round()
+        _quiet(lambda: source.stats().events)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        source.close()
+    res["agent_cpu_s"] = round(_cpu_self() - cpu0, 3)
+    res["events"] = source.stats().events
+    return res
+
+
+def _conntrack_cpu(node: str, storm_round: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``conntrack -E`` in the node namespace (output discarded) during one storm round:
+    its CPU seconds, from wait4's rusage once it is stopped."""
+    proc = subprocess.Popen(["ip", "netns", "exec", node, "conntrack", "-E", "-p", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        res = storm_round()
+        time.sleep(1.0)  # let it print the round's last events
+    finally:
+        proc.terminate()
+        _, _, usage = os.wait4(proc.pid, 0)
+        proc.returncode = 0
+    res["agent_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
+    return res
+
+
+def _quiet(count: Callable[[], int], quiet_s: float = 0.5, deadline_s: float = 60.0) -> None:
+    """Wait until ``count()`` did not move for ``quiet_s``."""
+    end = time.monotonic() + deadline_s
+    last, since = -1, time.monotonic()
+    while time.monotonic() < end:
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.1)
 
 
 def _cpu_self() -> float:
@@ -230,6 +301,8 @@ def measure(*, pairs: int, seconds: float, log: Callable[[str], None]) -> dict[s
     from cttrace.sources.select import netns_inode
 
     subprocess.run(["modprobe", "-a", *MODULES], check=True)
+    # Per-program run counts and run time (fdinfo run_cnt/run_time_ns): probe hits by hook.
+    Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1\n")
     work = Path("/tmp/cttrace-bench-bpf")
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"kernel": platform.release(), "cpus": os.cpu_count(),
@@ -256,6 +329,7 @@ def measure(*, pairs: int, seconds: float, log: Callable[[str], None]) -> dict[s
             source = _CountingSource(BpfSource(netns_ino=netns_inode(node)))
             source.open()
             result["compile_and_attach_s"] = round(time.monotonic() - t, 1)
+            result["hooks"] = {fn: list(how) for fn, how in source.source.hooks().items()}
             source.source.detach()
             try:
                 # Warm-up (the first storm after the compile runs slow), then size the
@@ -292,6 +366,12 @@ def measure(*, pairs: int, seconds: float, log: Callable[[str], None]) -> dict[s
                 result["direct"] = direct
                 log(f"bpf-overhead: straight to the pod IP with probes: delivered "
                     f"{direct['delivered']}, kernel {direct['kernel']}")
+                # The same storm watched by the other ways to follow conntrack.
+                result["netlink"] = _netlink_cpu(node, lambda: storm_round("netlink", count))
+                result["conntrack_e"] = _conntrack_cpu(
+                    node, lambda: storm_round("conntrack-e", count))
+                log(f"bpf-overhead: netlink {result['netlink']['agent_cpu_s']} s CPU, "
+                    f"conntrack -E {result['conntrack_e']['agent_cpu_s']} s CPU")
             finally:
                 source.close()
         finally:
@@ -354,6 +434,10 @@ class BpfOverhead:
     ratios: list[float]
     probes_only_ratios: list[float]
     ratio_median: float
+    hooks: dict[str, list[str]] = field(default_factory=dict)
+    """How each kernel function was hooked, and why: {function: [mode, why]}."""
+    netlink: dict[str, Any] = field(default_factory=dict)
+    conntrack_e: dict[str, Any] = field(default_factory=dict)
     guest_up_s: float = 0.0
     guest_s: float = 0.0
     wall_s: float = 0.0

@@ -33,8 +33,10 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench import bench_decode, bench_identity, bpf_overhead, pipeline, storm
 
@@ -256,15 +258,18 @@ def render(info: str, sections: dict[str, object], cmd: str) -> tuple[str, str]:
         goals.append(("netlink source under a storm; latency", "see docs/DESIGN.md",
                       f"not run: {lab}", "n/a"))
     bpf_runs = sections.get("bpf")
+    hits: list[str] = []
     for kernel, bpf in (bpf_runs.items() if isinstance(bpf_runs, dict) else [("", bpf_runs)]):
-        bpf_goal, bpf_body = _bpf_section(bpf, kernel)
-        goals.append(bpf_goal)
+        bpf_goals, bpf_body = _bpf_section(bpf, kernel)
+        goals += bpf_goals
         body += bpf_body
+        if isinstance(bpf, bpf_overhead.BpfOverhead):
+            hits += ["", *_probe_hits(bpf, bpf.rounds_of("with") + bpf.rounds_of("probes-only"))]
 
     table = ["| what | goal | measured | |", "|---|---|---|---|"]
     table += [f"| {w} | {g} | {m} | {v} |" for w, g, m, v in goals]
     head = [f"Machine: {info}.", "", f"Reproduce: `{cmd}` (as root; {_elapsed(sections)}).", ""]
-    readme = "\n".join(head + table)
+    readme = "\n".join(head + table + hits)
     results = "\n".join(["# Benchmark results", "",
                          "Written by `make bench` (bench/run.py); do not edit by hand.", "",
                          *head, "## Goals", "", *table, "", *body])
@@ -276,15 +281,16 @@ _KINDS = (("CtEvent.NEW", "conntrack NEW"), ("CtEvent.UPDATE", "conntrack UPDATE
           ("TcpReset", "reset"))
 
 
-def _bpf_section(bpf: object, kernel: str) -> tuple[tuple[str, str, str, str], list[str]]:
-    """The goal row and the RESULTS.md section for the bpf source's overhead on the VM
+def _bpf_section(bpf: object,
+                 kernel: str) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """The goal rows and the RESULTS.md section for the bpf source's overhead on the VM
     tier's kernel ``kernel`` (its name; "" when none was booted)."""
     on = f" on {bpf.kernel if isinstance(bpf, bpf_overhead.BpfOverhead) else kernel}" \
         if kernel else ""
     what, goal = f"bpf source{on}: conn rate with probes ÷ without", "≥ 0.97"
     if not isinstance(bpf, bpf_overhead.BpfOverhead):
         why = bpf if isinstance(bpf, str) else "not run"
-        return ((what, goal, f"not measured: {why}", "n/a"),
+        return ([(what, goal, f"not measured: {why}", "n/a")],
                 [f"## bpf source overhead{on} (VM tier)", "", f"Not measured: {why}.", ""])
     withs, only = bpf.rounds_of("with"), bpf.rounds_of("probes-only")
     attached = withs + only
@@ -298,9 +304,17 @@ def _bpf_section(bpf: object, kernel: str) -> tuple[tuple[str, str, str, str], l
     lost = sum(r["kernel"]["lost"] for r in attached)
     filtered = per.get("kernel.filtered_entries", 0) + per.get("kernel.filtered_transitions", 0)
     measured = (f"{ratio:.2f} under TCG emulation ({_n(rate_off)} → {_n(rate_on)} conn/s; "
-                f"probes alone, reader held: {only_ratio:.2f}); per connection "
-                f"{emitted:.1f} records emitted, {filtered:.1f} filtered in the kernel, "
-                f"{_n(lost)} lost")
+                f"probes alone, reader held: {only_ratio:.2f})")
+    conns = sum(r["completed"] + r["failed"] for r in attached)
+    records = (f"{emitted:.3f} ({sum(sum(r['delivered'].values()) for r in attached):,} "
+               f"records for {conns:,} connections through the Service; {filtered:.1f} "
+               f"filtered in the kernel per connection; {_n(lost)} lost)")
+    cpu_10k = _cpu_per_10k(bpf, withs)
+    goals = [(what, goal, measured, _verdict(ratio >= 0.97)),
+             (f"bpf source{on}: records to userspace per healthy connection", "≤ 0.01",
+              records, _verdict(emitted <= 0.01)),
+             (f"agent CPU s per 10,000 connections{on}: bpf / netlink / `conntrack -E`",
+              "(reported)", " / ".join(cpu_10k) + " (the same storm, one boot)", "n/a")]
     body = [
         f"## bpf source overhead on {bpf.kernel} (VM tier, TCG emulation)", "",
         f"This machine's kernel has no kprobes, so this runs in the VM tier's guest: Debian's "
@@ -401,7 +415,68 @@ def _bpf_section(bpf: object, kernel: str) -> tuple[tuple[str, str, str, str], l
         "one ctypes callback per record, decode, loss check) and the rest in the correlator "
         "and the loop.", "",
     ]
-    return (what, goal, measured, _verdict(ratio >= 0.97)), body
+    body += _probe_hits(bpf, attached)
+    body += ["", "Agent CPU seconds per 10,000 connections through the Service, the same "
+             "storm watched three ways in the same boot (bpf: the with-rounds' reader, "
+             "correlator and loop; netlink: the netlink source, correlator and loop; "
+             "`conntrack -E`: the tool, output discarded):", "",
+             "| | bpf | netlink | conntrack -E |", "|---|---:|---:|---:|",
+             "| agent CPU s per 10,000 connections | " + " | ".join(cpu_10k) + " |", ""]
+    return goals, body
+
+
+#: BPF program -> the kernel function (or tracepoint) it hooks.
+_PROGRAM_HOOKS = {
+    "ctt_confirm_enter": "__nf_conntrack_confirm", "ctt_confirm_return": "__nf_conntrack_confirm",
+    "ctt_tcp_packet_enter": "nf_conntrack_tcp_packet",
+    "ctt_tcp_packet_return": "nf_conntrack_tcp_packet",
+    "ctt_ct_delete": "nf_ct_delete", "ctt_connect_enter": "tcp_connect",
+    "kfunc__tcp_connect": "tcp_connect", "ctt_send_reset_enter": "tcp_v4_send_reset",
+    "tracepoint__tcp__tcp_receive_reset": "tcp:tcp_receive_reset",
+    "tracepoint__tcp__tcp_send_reset": "tcp:tcp_send_reset",
+}
+
+
+def _probe_hits(bpf: bpf_overhead.BpfOverhead, attached: list[dict[str, Any]]) -> list[str]:
+    """Probe hits per connection by hook and attach mode, over the rounds with probes."""
+    conns = sum(int(r["completed"]) + int(r["failed"]) for r in attached) or 1
+    runs: Counter[str] = Counter()
+    run_ns: Counter[str] = Counter()
+    for r in attached:
+        for name, (n, ns) in r.get("programs", {}).items():
+            runs[name] += n
+            run_ns[name] += ns
+    body = [f"Probe hits per connection through the Service on {bpf.kernel}, by hook (the BPF "
+            "programs' own run counts, `kernel.bpf_stats_enabled`, over the rounds with "
+            "probes), and the time inside each program per run (not the kprobe or trampoline "
+            "around it):", "",
+            "| kernel function | attached as | why | BPF program | hits per connection "
+            "| ns per hit (program) |", "|---|---|---|---|---:|---:|"]
+    for name in sorted(runs, key=lambda k: (_PROGRAM_HOOKS.get(k, k), k)):
+        hook = _PROGRAM_HOOKS.get(name, "?")
+        mode, why = bpf.hooks.get(hook, ["tracepoint" if ":" in hook else "?", ""])
+        per_run = run_ns[name] / runs[name] if runs[name] else 0.0
+        body.append(f"| {hook} | {mode} | {why} | {name} | {runs[name] / conns:.2f} | "
+                    f"{per_run:,.0f} |")
+    return body
+
+
+def _cpu_per_10k(bpf: bpf_overhead.BpfOverhead,
+                 withs: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """Agent CPU seconds per 10,000 connections: bpf (the with-rounds' reader), netlink,
+    ``conntrack -E``, each measured on the same storm in the same boot."""
+    def per_10k(cpu_s: float, n: int) -> str:
+        return f"{1e4 * cpu_s / n:.2f}" if n else "n/a"
+
+    def of(res: dict[str, Any]) -> str:
+        if not res:
+            return "n/a"
+        return per_10k(float(res["agent_cpu_s"]),
+                       int(res.get("completed", 0)) + int(res.get("failed", 0)))
+
+    bpf_conns = sum(int(r["completed"]) + int(r["failed"]) for r in withs)
+    return (per_10k(sum(float(r["reader_cpu_s"]) for r in withs), bpf_conns),
+            of(bpf.netlink), of(bpf.conntrack_e))
 
 
 def _elapsed(sections: dict[str, object]) -> str:

@@ -31,9 +31,12 @@ from cttrace.http_server import AgentHTTPServer
 from cttrace.json_log import logging_to
 from cttrace.metrics import Metrics
 from cttrace.remediate import Remediation
-from cttrace.runtime import Pipeline, Sink, Status
+from cttrace.runtime import Periodic, Pipeline, Sink, Status
 from cttrace.sinks.jsonl import JsonLinesSink
+from cttrace.sources import hooks_json
+from cttrace.sources.bpf import settings_for_rules
 from cttrace.sources.select import open_source
+from cttrace.sources.watched import follow_targets
 
 
 def default_node() -> str:
@@ -132,8 +135,10 @@ def _run_agent(opts: AgentOptions, stop: threading.Event, log: JsonLinesSink) ->
                 queue_max=opts.alert_queue, basic_auth=opts.basic_auth,
                 bearer_token=opts.bearer_token, ca_file=opts.ca_file,
             )
-        source, note = open_source(opts.source, opts.netns)
+        source, note = open_source(opts.source, opts.netns,
+                                   settings_for_rules(correlator.settings))
         traced = TracedNamespace(opts.netns)
+        targets = follow_targets(correlator.identity, source, opts.netns)
         metrics.add_source(source.name, source.stats)
         from cttrace.ctstats import read_conntrack_stats
         from cttrace.metrics import read_conntrack_fill
@@ -150,8 +155,10 @@ def _run_agent(opts: AgentOptions, stop: threading.Event, log: JsonLinesSink) ->
         log.note({"kind": "agent", "ts": rfc3339(time.time()), "msg": "started", "node": node,
                   "source": source.name, "fallback": note, "netns": opts.netns,
                   "listen": "{}:{}".format(*http.address),
-                  "alertmanagers": opts.alertmanager_urls})
+                  "alertmanagers": opts.alertmanager_urls, **hooks_json(source.stats())})
         periodic = [snat_check(opts.netns, source), *blind_spot_checks(traced, log.note)]
+        if targets is not None:
+            periodic.append(Periodic(1.0, targets.expire))
 
         def record(r: Remediation) -> None:
             metrics.remediation(r.action)

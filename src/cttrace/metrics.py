@@ -204,6 +204,28 @@ def _read_or_none(what: str, read: Callable[[], Any]) -> Any:
         return None
 
 
+#: The bpf source's own counters (SourceStats.extra keys) exported as they are.
+_BPF_COUNTERS = {
+    "entry_map_evictions": (
+        "cttrace_bpf_entry_map_evictions",
+        "NATed TCP entries deleted while the kernel's entry map no longer held them "
+        "(evicted from the LRU map, or older than the programs): their records were never "
+        "sent."),
+    "kprobe_misses": (
+        "cttrace_kprobe_misses",
+        "Kernel function calls a kprobe missed (the kernel's own count, kprobe_profile)."),
+    "entries_tracked": (
+        "cttrace_bpf_entries_tracked",
+        "NATed TCP entries the kernel kept from confirm to delete."),
+    "entries_reported": (
+        "cttrace_bpf_entries_reported",
+        "Kept entries that became interesting to a rule and were sent to userspace."),
+    "records_emitted": (
+        "cttrace_bpf_records_emitted",
+        "Records the kernel wrote to the ring/perf buffer for userspace."),
+}
+
+
 class _SourceCollector(Collector):
     def __init__(self, name: str, stats: Callable[[], SourceStats]) -> None:
         self._name = name
@@ -222,6 +244,19 @@ class _SourceCollector(Collector):
             family = CounterMetricFamily(metric, help_text, labels=["source"])
             family.add_metric([self._name], value)
             yield family
+        for key, (metric, help_text) in _BPF_COUNTERS.items():
+            if key in stats.extra:
+                family = CounterMetricFamily(metric, help_text, labels=["source"])
+                family.add_metric([self._name], stats.extra[key])
+                yield family
+        if stats.hooks:
+            info = GaugeMetricFamily(
+                "cttrace_source_hook_info",
+                "1 per kernel function the source hooks: how it is attached (fentry, kprobe, "
+                "kprobe+kretprobe) and why.", labels=["source", "function", "mode", "why"])
+            for function, (mode, why) in sorted(stats.hooks.items()):
+                info.add_metric([self._name, function, mode, why], 1)
+            yield info
         misses = stats.extra.get("kretprobe_misses")
         if misses is not None:
             family = CounterMetricFamily(

@@ -25,7 +25,10 @@ from cttrace.blind_spots import TracedNamespace, blind_spot_checks
 from cttrace.filters import Filter
 from cttrace.findings import Finding, rfc3339
 from cttrace.runtime import Periodic, Pipeline, Sink, Summary
+from cttrace.sources import hooks_json
+from cttrace.sources.bpf import settings_for_rules
 from cttrace.sources.select import open_source
+from cttrace.sources.watched import follow_targets
 
 
 @dataclass(slots=True)
@@ -53,7 +56,11 @@ def run_watch(
                        rules=opts.rules)
     correlator, pollers = build_tracing(opts)
     table = opts.output == "table" or (opts.output == "auto" and sys.stdout.isatty())
-    source, note = open_source(opts.source, opts.netns)
+    # --flows prints every event: it needs every record; otherwise the kernel sends only
+    # what a rule may need (the live table reads the rest from the kernel's map).
+    source, note = open_source(opts.source, opts.netns, settings_for_rules(
+        correlator.settings, stream_all=opts.flows))
+    targets = follow_targets(correlator.identity, source, opts.netns)
     json_sink = None
     sinks: list[Sink] = []
     try:
@@ -63,7 +70,8 @@ def run_watch(
         if table:
             from cttrace.sinks.live import LiveView
 
-            view = LiveView(correlator, correlator.identity, flt)
+            view = LiveView(correlator, correlator.identity, flt,
+                            kept=getattr(source, "kept_entries", None))
             say = view.say
             sinks.append(view)
         else:
@@ -71,7 +79,8 @@ def run_watch(
 
             json_sink = JsonLinesSink(sys.stdout.buffer, flt, flows=opts.flows)
             json_sink.note({"kind": "source", "ts": rfc3339(time.time()), "source": source.name,
-                            "netns": opts.netns, "fallback": note})
+                            "netns": opts.netns, "fallback": note,
+                            **hooks_json(source.stats())})
             sinks.append(json_sink)
         log = json_sink.note if json_sink is not None else (
             lambda obj: warn(f"remediate: {obj['action']} entry {obj['entry_id']}: "
@@ -82,6 +91,8 @@ def run_watch(
         periodic = [snat_check(opts.netns, source),
                     *blind_spot_checks(TracedNamespace(opts.netns), warning, on_gone=stop.set),
                     Periodic(0.5, lambda now: _stop_if_stdout_reader_left(stop))]
+        if targets is not None:
+            periodic.append(Periodic(1.0, targets.expire))
         remediator = build_remediator(opts.remediate, correlator, opts.netns,
                                       lambda r: log(r.to_json()))
         if remediator is not None:

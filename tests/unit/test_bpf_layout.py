@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from cttrace.sources.bpf_layout import (
     CttFlow,
     CttHeader,
     CttResetEvent,
+    CttTracked,
     DecodeError,
     decode,
+    tracked_events,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +48,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "ctt_ct_event": CttCtEvent,
     "ctt_connect_event": CttConnectEvent,
     "ctt_reset_event": CttResetEvent,
+    "ctt_tracked": CttTracked,
 }
 CONSTANTS = {
     "CTT_EV_CT_NEW": bpf_layout.EV_CT_NEW,
@@ -57,6 +61,11 @@ CONSTANTS = {
     "CTT_CNT_NOT_ACCEPTED": bpf_layout.CNT_NOT_ACCEPTED,
     "CTT_CNT_STASH_FULL": bpf_layout.CNT_STASH_FULL,
     "CTT_CNT_FILTERED_TRANSITION": bpf_layout.CNT_FILTERED_TRANSITION,
+    "CTT_CNT_EMITTED": bpf_layout.CNT_EMITTED,
+    "CTT_CNT_TRACKED": bpf_layout.CNT_TRACKED,
+    "CTT_CNT_REPORTED": bpf_layout.CNT_REPORTED,
+    "CTT_CNT_UNSEEN_DELETE": bpf_layout.CNT_UNSEEN_DELETE,
+    "CTT_CNT_QUIET": bpf_layout.CNT_QUIET,
     "CTT_NR_COUNTERS": bpf_layout.NR_COUNTERS,
 }
 
@@ -173,3 +182,44 @@ def test_short_and_unknown_records_are_refused() -> None:
     unknown = raw[:8] + (99).to_bytes(4, "little") + raw[12:]
     with pytest.raises(DecodeError, match="unknown kind 99"):
         decode(unknown)
+
+
+def _tracked(replied_ns: int, state: int, creator_pid: int = 0) -> CttTracked:
+    t = CttTracked()
+    t.created_ns, t.replied_ns, t.state, t.l3num = 10_000_000_000, replied_ns, state, socket.AF_INET
+    t.status = int(CtStatus.CONFIRMED | CtStatus.DST_NAT | CtStatus.SEEN_REPLY)
+    t.orig.saddr[:4] = socket.inet_aton("10.0.0.2")
+    t.orig.daddr[:4] = socket.inet_aton("10.96.0.10")
+    t.orig.sport_be, t.orig.dport_be = socket.htons(40000), socket.htons(80)
+    t.reply.saddr[:4] = socket.inet_aton("10.244.0.7")
+    t.reply.daddr[:4] = socket.inet_aton("10.0.0.2")
+    t.reply.sport_be, t.reply.dport_be = socket.htons(8080), socket.htons(40000)
+    if creator_pid:
+        t.creator.hdr.kind, t.creator.hdr.ts_ns = bpf_layout.EV_CONNECT, 9_999_000_000
+        t.creator.pid, t.creator.sock_ptr = creator_pid, 0xFFFF888000001000
+        t.creator.saddr_be[:] = socket.inet_aton("10.0.0.2")
+        t.creator.daddr_be[:] = socket.inet_aton("10.96.0.10")
+        t.creator.sport_be, t.creator.dport_be = socket.htons(40000), socket.htons(80)
+    return t
+
+
+def test_a_kept_entry_replays_as_the_records_it_would_have_sent() -> None:
+    """What userspace reads of a kept entry (a newly watched target) becomes the events the
+    kernel would have sent: the creator's connect, NEW at confirm (unanswered), first reply."""
+    events = tracked_events(0xFFFF888012345600, _tracked(10_050_000_000, 3, creator_pid=42),
+                            mono_to_wall=1000.0)
+    connect, new, reply = events
+    assert isinstance(connect, SockConnect) and connect.pid == 42
+    assert connect.flow == Flow("10.0.0.2", 40000, "10.96.0.10", 80)
+    assert isinstance(new, CtEvent) and new.kind is CtKind.NEW and new.ts == 1010.0
+    assert new.reply.src == "10.244.0.7" and new.tcp_state == 1  # SYN_SENT
+    assert not new.status & CtStatus.SEEN_REPLY
+    assert isinstance(reply, CtEvent) and reply.kind is CtKind.UPDATE
+    assert (reply.old_tcp_state, reply.tcp_state) == (1, 3)  # SYN_SENT -> ESTABLISHED
+    assert reply.ts == pytest.approx(1010.05) and reply.status & CtStatus.SEEN_REPLY
+    assert new.entry_id == reply.entry_id == 0xFFFF888012345600
+
+
+def test_an_unanswered_kept_entry_replays_as_new_only() -> None:
+    (new,) = tracked_events(1, _tracked(0, 1))
+    assert isinstance(new, CtEvent) and new.kind is CtKind.NEW

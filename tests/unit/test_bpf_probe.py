@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from cttrace.errors import SourceError
-from cttrace.sources.bpf import BpfSettings, program_text, settings_for
+from cttrace.rules import Settings
+from cttrace.sources.bpf import BpfSettings, program_text, settings_for, settings_for_rules
 from cttrace.sources.probe import (
     REQUIRED_KPROBES,
     BpfFeatures,
@@ -140,20 +141,39 @@ def test_dangling_build_link_is_explained(tmp_path: Path) -> None:
 
 def features(**changes: object) -> BpfFeatures:
     base = {"release": RELEASE, "headers_dir": None, "ringbuf": True, "send_reset_kprobe": True,
-            "send_reset_tracepoint": True, "receive_reset_tracepoint": True, "tracefs": None}
+            "send_reset_tracepoint": True, "receive_reset_tracepoint": True, "tracefs": None,
+            "fentry_unavailable": None}
     base.update(changes)
     return BpfFeatures(**base)  # type: ignore[arg-type]
 
 
 def test_settings_follow_what_the_kernel_has() -> None:
-    wanted = BpfSettings(netns_ino=7)
+    wanted = BpfSettings(netns_ino=7, stream_all=True)
     assert settings_for(features(), wanted) == wanted
+    no_btf = settings_for(features(fentry_unavailable="the kernel has no BTF"), wanted)
+    assert no_btf.fentry is False  # tcp_connect falls back to its kprobe
     older = settings_for(features(ringbuf=False, send_reset_kprobe=False), wanted)
     assert (older.ringbuf, older.send_reset, older.netns_ino) == (False, "tracepoint", 7)
     bare = settings_for(
         features(send_reset_kprobe=False, send_reset_tracepoint=False,
                  receive_reset_tracepoint=False), wanted)
     assert (bare.send_reset, bare.receive_reset_tracepoint) == ("off", False)
+
+
+def test_only_streaming_every_record_attaches_the_received_reset_tracepoint() -> None:
+    """No rule needs the resets local sockets receive: the kernel-filtered program leaves
+    that tracepoint off; --flows (stream_all) keeps it."""
+    filtered = settings_for(features(), BpfSettings())
+    assert (filtered.stream_all, filtered.receive_reset_tracepoint) == (False, False)
+
+
+def test_the_kernel_filter_is_derived_from_the_rules_settings() -> None:
+    settings = settings_for_rules(Settings(late_after=2.5, inherit_window=0.75))
+    assert (settings.late_after_ns, settings.inherit_ns) == (2_500_000_000, 750_000_000)
+    defines = settings.defines()
+    assert "#define CTT_LATE_NS 2500000000ULL\n" in defines
+    assert "#define CTT_INHERIT_NS 750000000ULL\n" in defines
+    assert "#define CTT_STREAM_ALL 0\n" in defines
 
 
 def test_program_text_is_self_contained_and_carries_the_settings() -> None:

@@ -12,6 +12,7 @@ import ctypes
 import io
 import os
 import select
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ from cttrace.sources.bpf_layout import (
     CNT_NOT_ACCEPTED,
     CNT_STASH_FULL,
     NR_COUNTERS,
+    CttTracked,
+    addr_key,
 )
 from cttrace.sources.probe import BpfFeatures
 
@@ -58,15 +61,59 @@ class FakeCounters:
         return ctypes.c_uint64(self.values[slot])
 
 
+class _Addr(ctypes.Structure):
+    _fields_ = (("addr", ctypes.c_uint8 * 16),)
+
+
+class FakeWatched:
+    """``bpf["ctt_watched"]``: a hash of struct ctt_addr -> __u8, as BCC's Table shows it."""
+
+    Key = _Addr
+    Leaf = ctypes.c_uint8
+
+    def __init__(self) -> None:
+        self.keys: set[bytes] = set()
+
+    def __setitem__(self, key: _Addr, leaf: ctypes.c_uint8) -> None:
+        self.keys.add(bytes(key))
+
+    def __delitem__(self, key: _Addr) -> None:
+        self.keys.remove(bytes(key))
+
+
+class FakeTracked:
+    """``bpf["ctt_tracked"]``: the kernel's kept entries, nf_conn address -> struct."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, CttTracked] = {}
+
+    def items(self) -> list[tuple[ctypes.c_uint64, CttTracked]]:
+        return [(ctypes.c_uint64(k), CttTracked.from_buffer_copy(bytes(v)))
+                for k, v in self.entries.items()]
+
+    def __setitem__(self, key: ctypes.c_uint64, value: CttTracked) -> None:
+        self.entries[key.value] = value
+
+
 class FakeBpf:
     def __init__(self) -> None:
         self.counters = FakeCounters()
+        self.watched = FakeWatched()
+        self.tracked = FakeTracked()
         self.cleaned = False
         # What BCC keeps of attached probes: kprobe_fds[ev_name][fn_name] = fd, and
         # tracepoint_fds[b"cat:name"] = fd (the tracepoints it attached by itself at load).
         self.kprobe_fds: dict[bytes, dict[bytes, int]] = {}
         self.tracepoint_fds: dict[bytes, int] = {b"tcp:tcp_receive_reset": 9}
+        # kfunc_entry_fds[b"kfunc__<function>"] = fd: fentry programs (attached at load).
+        self.kfunc_entry_fds: dict[bytes, int] = {}
         self.calls: list[tuple[str, bytes, bytes]] = []
+
+    def attach_kfunc(self, fn_name: bytes) -> None:
+        self.kfunc_entry_fds[b"kfunc__" + fn_name] = 5
+
+    def detach_kfunc(self, fn_name: bytes) -> None:
+        del self.kfunc_entry_fds[fn_name]
 
     def _add(self, ev_name: bytes, fn_name: str) -> None:
         self.kprobe_fds.setdefault(ev_name, {})[fn_name.encode()] = 3
@@ -89,7 +136,11 @@ class FakeBpf:
         del self.tracepoint_fds[tp]
         self.calls.append(("detach_tracepoint", tp, b""))
 
-    def __getitem__(self, name: str) -> FakeCounters:
+    def __getitem__(self, name: str) -> object:
+        if name == "ctt_watched":
+            return self.watched
+        if name == "ctt_tracked":
+            return self.tracked
         assert name == "ctt_counters"
         return self.counters
 
@@ -194,7 +245,8 @@ def test_detach_and_attach_again_without_compiling(
     opened: tuple[BpfSource, FakeBpf, Path],
 ) -> None:
     source, fake, _ = opened
-    source._attach(BpfSettings())  # what open() attached
+    source._settings = BpfSettings(fentry=False)  # a kernel without BTF: tcp_connect's kprobe
+    source._attach(source._settings)  # what open() attached
     attached = {ev: set(fns) for ev, fns in fake.kprobe_fds.items()}
     assert b"r___nf_conntrack_confirm" in attached and b"p_tcp_connect" in attached
     source.detach()
@@ -204,6 +256,84 @@ def test_detach_and_attach_again_without_compiling(
     assert ("attach_tracepoint", b"tcp:tcp_receive_reset",
             b"tracepoint__tcp__tcp_receive_reset") in fake.calls
     assert not fake.cleaned
+
+
+def test_tcp_connect_through_fentry_detaches_and_attaches_again(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    source, fake, _ = opened
+    source._settings = BpfSettings(fentry=True)
+    source._attach(source._settings)
+    assert fake.kfunc_entry_fds == {b"kfunc__tcp_connect": 5}
+    assert b"p_tcp_connect" not in fake.kprobe_fds
+    assert source.hooks()["tcp_connect"][0] == "fentry"
+    assert source.hooks()["nf_conntrack_tcp_packet"][0] == "kprobe+kretprobe"
+    source.detach()
+    assert fake.kfunc_entry_fds == {}
+    source.attach()
+    assert fake.kfunc_entry_fds == {b"kfunc__tcp_connect": 5}
+
+
+def kept(target: str, *, replied: bool, reported: bool = False) -> CttTracked:
+    t = CttTracked()
+    t.created_ns, t.replied_ns, t.l3num = 5_000_000_000, 5_010_000_000 if replied else 0, 2
+    t.state, t.reported = 3 if replied else 1, int(reported)
+    t.orig.saddr[:4] = bytes([10, 0, 0, 2])
+    t.orig.daddr[:4] = bytes([10, 96, 0, 10])
+    t.reply.saddr[:] = addr_key(target)
+    return t
+
+
+def test_a_watched_target_replays_the_entries_the_kernel_kept_toward_it(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    """dead-endpoint needs the live entries toward an IP once its pod is gone: watching the
+    IP puts it in the kernel's map and replays, at the next read, every kept entry toward it
+    that userspace does not hold yet, marking it reported so its changes follow."""
+    source, fake, _ = opened
+    fake.tracked.entries = {
+        0x1000: kept("10.244.0.7", replied=True),
+        0x2000: kept("10.244.0.8", replied=True),  # another target
+        0x3000: kept("10.244.0.7", replied=True, reported=True),  # userspace has it
+    }
+    source.watch_target("10.244.0.7")
+    source.watch_target("10.244.0.7")  # once
+    assert fake.watched.keys == {addr_key("10.244.0.7")}
+    events = source.read()
+    assert [(e.kind.name, e.entry_id) for e in events] == [("NEW", 0x1000), ("UPDATE", 0x1000)]
+    assert fake.tracked.entries[0x1000].reported == 1
+    assert fake.tracked.entries[0x2000].reported == 0
+    assert source.read() == []  # replayed once
+    assert source.stats().extra["watched_targets"] == 1
+    source.unwatch_target("10.244.0.7")
+    assert fake.watched.keys == set()
+
+
+def test_the_live_table_shows_the_entries_the_kernel_keeps_read_at_refresh(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    """The kernel sends nothing of a healthy entry, so the live table reads those from the
+    kernel's map when it redraws, beside the correlator's own (reported) entries."""
+    source, fake, _ = opened
+    healthy = kept("10.244.0.7", replied=True)
+    healthy.orig.sport_be, healthy.orig.dport_be = socket.htons(40001), socket.htons(80)
+    unanswered = kept("10.244.0.8", replied=False)
+    unanswered.orig.sport_be = socket.htons(40002)
+    fake.tracked.entries = {0x1000: healthy, 0x2000: unanswered,
+                            0x3000: kept("10.244.0.9", replied=True, reported=True)}
+    entries = {e.entry_id: e for e in source.kept_entries()}
+    assert set(entries) == {0x1000, 0x2000}  # the reported one is the correlator's
+    assert entries[0x1000].orig == ("10.0.0.2", 40001, "10.96.0.10", 80)
+    assert entries[0x1000].target_ip == "10.244.0.7" and entries[0x1000].replied is not None
+    assert entries[0x2000].replied is None
+
+    console = Console(file=io.StringIO(), width=300, record=True)
+    view = LiveView(Correlator(), None, console=console, kept=source.kept_entries)
+    view.close()
+    screen = console.export_text()
+    assert "10.0.0.2:40001" in screen and "10.244.0.7:0" in screen
+    assert "10.0.0.2:40002" in screen and "SYN_SENT" in screen
+    assert "10.244.0.9" not in screen
 
 
 def test_close_detaches_through_bcc(opened: tuple[BpfSource, FakeBpf, Path]) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cttrace.sources.bpf import BpfSettings, BpfSource, settings_for
+from cttrace.sources.probe import SEND_RESET_KPROBE, BpfFeatures
 from tests.vm.run_vm_tier import KERNELS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -40,3 +42,28 @@ def test_every_row_names_an_attach_mode_for_every_hook_and_a_tier() -> None:
         assert len(cells) == 5, f"{name}: {cells}"
         assert all(cells), f"{name}: an empty cell"
         assert cells[-1].split(":", 1)[0] in ("vm", "kernel", "unit"), f"{name}: {cells[-1]}"
+
+
+def test_the_vm_kernels_rows_name_the_modes_the_source_attaches_with_btf() -> None:
+    """Both VM kernels have BTF, trampolines, the reset kprobe and both reset tracepoints
+    (the VM tier's agent and storm tests assert the modes the source reports there): each
+    row names, first in each cell, the mode the source then attaches each hook with."""
+    features = BpfFeatures(release="6.x", headers_dir=None, ringbuf=True,
+                           send_reset_kprobe=True, send_reset_tracepoint=True,
+                           receive_reset_tracepoint=True, tracefs=None,
+                           fentry_unavailable=None)
+    source = BpfSource()
+    source._features = features
+    source._settings = settings_for(features, BpfSettings())
+    hooks = source.hooks()
+
+    def mode(function: str) -> str:
+        return hooks[function][0].replace("+", " + ")
+
+    conntrack = f"{mode('__nf_conntrack_confirm')} / {mode('nf_ct_delete')}"
+    assert mode("nf_conntrack_tcp_packet") == mode("__nf_conntrack_confirm")
+    for name in KERNELS:
+        cells = kernels_table()[name]
+        assert cells[1].startswith(conntrack), cells[1]
+        assert cells[2].startswith(mode("tcp_connect")), cells[2]
+        assert cells[3].startswith(f"{mode(SEND_RESET_KPROBE)} `{SEND_RESET_KPROBE}`"), cells[3]

@@ -95,6 +95,32 @@ def test_source_counters_are_read_at_scrape_time(registry: CollectorRegistry) ->
     assert got[("cttrace_kretprobe_misses_total", (("source", "bpf"),))] == 5
 
 
+def test_the_bpf_sources_evictions_records_and_hooks_are_exported(
+    registry: CollectorRegistry,
+) -> None:
+    """Map evictions and probe misses are never silent, and how each hook is attached is
+    visible with its reason."""
+    stats = SourceStats(
+        extra={"entry_map_evictions": 4, "kprobe_misses": 1, "records_emitted": 12,
+               "entries_tracked": 3000, "entries_reported": 2},
+        hooks={"tcp_connect": ("fentry", "vmlinux function, kernel BTF and trampolines"),
+               "nf_ct_delete": ("kprobe", "nf_conntrack is a module")})
+    Metrics(registry).add_source("bpf", lambda: stats)
+    got = samples(registry)
+    bpf = (("source", "bpf"),)
+    assert got[("cttrace_bpf_entry_map_evictions_total", bpf)] == 4
+    assert got[("cttrace_kprobe_misses_total", bpf)] == 1
+    assert got[("cttrace_bpf_records_emitted_total", bpf)] == 12
+    assert got[("cttrace_bpf_entries_tracked_total", bpf)] == 3000
+    assert got[("cttrace_bpf_entries_reported_total", bpf)] == 2
+    assert got[("cttrace_source_hook_info", (
+        ("function", "tcp_connect"), ("mode", "fentry"), ("source", "bpf"),
+        ("why", "vmlinux function, kernel BTF and trampolines")))] == 1
+    assert got[("cttrace_source_hook_info", (
+        ("function", "nf_ct_delete"), ("mode", "kprobe"), ("source", "bpf"),
+        ("why", "nf_conntrack is a module")))] == 1
+
+
 def test_alertmanager_counters_come_from_the_sink(registry: CollectorRegistry) -> None:
     sink = AlertmanagerSink(["http://127.0.0.1:9"], node="n", generator_url="", queue_max=1)
     Metrics(registry).add_alertmanager(sink.stats)

@@ -39,7 +39,7 @@ import pytest
 
 from cttrace.events import Event
 from cttrace.sources import Source
-from cttrace.sources.bpf import BpfSource
+from cttrace.sources.bpf import BpfSettings, BpfSource
 from cttrace.sources.bpf_layout import decode
 from tests.watch_process import WatchProcess
 
@@ -160,7 +160,8 @@ class SharedWatch:
         self.follow(start)
         self.started = time.time()
         self.process = DrainedWatchProcess(
-            ["--source", "bpf", "--output", "json", "--flows",
+            # Without --flows: the kernel sends only what a rule may need, as in production.
+            ["--source", "bpf", "--output", "json",
              "--identity-file", str(self.link), "--dead-after", f"{DEAD_AFTER_S:g}"],
             self.dir / "ready",
         )
@@ -391,7 +392,9 @@ def raws() -> list[bytes]:
 def bpf(topology: Topology, raws: list[bytes]) -> Iterator[BpfSource]:
     """The one in-process BpfSource, reporting the node namespace's entries; closed
     when the module that uses it ends."""
-    source = BpfSource(netns_ino=topology.netns_ino(topology.node_ns), on_raw=raws.append)
+    # Every record (what --flows streams): these tests check each record field by field.
+    source = BpfSource(netns_ino=topology.netns_ino(topology.node_ns), on_raw=raws.append,
+                       settings=BpfSettings(stream_all=True))
     started = time.monotonic()
     source.open()
     write_timing("compile_and_attach_s", time.monotonic() - started)

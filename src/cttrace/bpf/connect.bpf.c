@@ -2,7 +2,7 @@
 /*
  * connect.bpf.c: which socket (pid, comm, cgroup, netns) opened which 4-tuple.
  *
- *   tcp_connect (kprobe) -> CTT_EV_CONNECT
+ *   tcp_connect (fentry, or kprobe) -> remembered; CTT_EV_CONNECT when it matters
  *
  * tcp_v4_connect binds the source port (inet_hash_connect), then calls
  * tcp_connect(sk), which builds and sends the SYN.  At tcp_connect's entry
@@ -20,6 +20,13 @@
  * while the entries they create live in the node's.  IPv4 only (the record
  * holds IPv4 addresses; tcp_v6_connect also ends in tcp_connect).
  *
+ * Each connect is remembered in ctt_connects (confirm copies it into the entry
+ * its SYN creates) and sent only when it lands on an unreplied entry another
+ * socket created (inherited-entry: the creator's connect and the entry are
+ * sent first, see ctt_report_entry), or on an entry userspace already holds.
+ * tcp_connect is a vmlinux function: with BTF it is reached through a BPF
+ * trampoline (fentry, CTT_FENTRY), cheaper per call than a kprobe.
+ *
  * Debian 6.1 and 6.12 (the VM tier's kernels): int tcp_connect(struct sock *sk)
  * in both (include/net/tcp.h), a global text symbol of vmlinux in both; the
  * struct sock_common fields read here (skc_family, skc_num, skc_dport,
@@ -27,10 +34,45 @@
  */
 #include "cttrace.h"
 
+/* Is this connect one that lands on an unreplied entry another socket created? */
+static __always_inline int ctt_join_connect(void *ctx, const struct ctt_connect_event *ev)
+{
+	struct ctt_client_key client = {};
+	struct ctt_tracked *t;
+	__u32 daddr_be;
+	__u64 *ct_ptr;
+
+	__builtin_memcpy(client.addr, &ev->saddr_be, sizeof(ev->saddr_be));
+	client.port_be = ev->sport_be;
+	ct_ptr = ctt_unreplied.lookup(&client);
+	if (!ct_ptr)
+		return 0;
+	t = ctt_tracked.lookup(ct_ptr);
+	if (!t || t->replied_ns)
+		return 0;
+	__builtin_memcpy(&daddr_be, t->orig.daddr, sizeof(daddr_be));
+	if (daddr_be != ev->daddr_be || t->orig.dport_be != ev->dport_be)
+		return 0;
+	if (!t->reported) {
+		if (t->creator.hdr.kind && t->creator.sock_ptr == ev->sock_ptr &&
+		    ev->hdr.ts_ns - t->creator.hdr.ts_ns <= CTT_INHERIT_NS)
+			return 0;  /* the creator's own connect, seen again */
+		if (!t->creator.hdr.kind && ev->hdr.ts_ns - t->created_ns <= CTT_INHERIT_NS) {
+			t->creator = *ev;  /* it created the entry; its record came second */
+			return 0;
+		}
+		ctt_report_entry(ctx, (struct nf_conn *)*ct_ptr, *ct_ptr, t,
+				 TCP_CONNTRACK_SYN_SENT);
+	}
+	ctt_emit(ctx, (void *)ev, sizeof(*ev));
+	return 1;
+}
+
 /* int tcp_connect(struct sock *sk): process context, the connecting task is current. */
-int ctt_connect_enter(struct pt_regs *ctx, struct sock *sk)
+static __always_inline int ctt_on_connect(void *ctx, struct sock *sk)
 {
 	struct ctt_connect_event ev = {};
+	struct ctt_sock_key key = {};
 	__u16 family = 0, num = 0;
 	__u64 id;
 
@@ -51,6 +93,27 @@ int ctt_connect_enter(struct pt_regs *ctx, struct sock *sk)
 	ev.pid = id >> 32;
 	ev.tid = (__u32)id;
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-	ctt_emit(ctx, &ev, sizeof(ev));
+	if (CTT_STREAM_ALL) {
+		ctt_emit(ctx, &ev, sizeof(ev));
+	} else if (!ctt_join_connect(ctx, &ev)) {
+		ctt_count(CTT_CNT_QUIET);
+	}
+	key.saddr_be = ev.saddr_be;
+	key.daddr_be = ev.daddr_be;
+	key.sport_be = ev.sport_be;
+	key.dport_be = ev.dport_be;
+	ctt_connects.update(&key, &ev);
 	return 0;
 }
+
+#if CTT_FENTRY
+KFUNC_PROBE(tcp_connect, struct sock *sk)
+{
+	return ctt_on_connect(ctx, sk);
+}
+#else
+int ctt_connect_enter(struct pt_regs *ctx, struct sock *sk)
+{
+	return ctt_on_connect(ctx, sk);
+}
+#endif

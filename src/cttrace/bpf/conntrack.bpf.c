@@ -2,17 +2,36 @@
 /*
  * conntrack.bpf.c: NATed TCP conntrack entries from confirm to delete.
  *
- *   __nf_conntrack_confirm (kprobe + kretprobe)   -> CTT_EV_CT_NEW
- *   nf_conntrack_tcp_packet (kprobe + kretprobe)  -> CTT_EV_CT_UPDATE
- *   nf_ct_delete (kprobe)                         -> CTT_EV_CT_DESTROY
+ *   __nf_conntrack_confirm (kprobe + kretprobe)   -> the entry is tracked
+ *   nf_conntrack_tcp_packet (kprobe + kretprobe)  -> its state changes
+ *   nf_ct_delete (kprobe)                         -> it is gone
  *
- * Only TCP entries with a NAT transformation (IPS_NAT_MASK) are tracked, and
- * only the state changes the correlator's rules need leave the kernel: out of
- * SYN_SENT (the recycled-IP window closes), into ESTABLISHED, and into TIME_WAIT
- * and CLOSE (the connection is over: an entry that lingers for minutes after a
- * graceful close must not read as a live connection to a pod that is gone).
- * All three functions are global symbols of the nf_conntrack module: load it
- * before attaching.
+ * Only TCP entries with a NAT transformation (IPS_NAT_MASK) are tracked.  The
+ * kernel keeps what it knows of each (creation time, tuples, the socket that
+ * created it: struct ctt_tracked) and sends a record to userspace only once the
+ * entry becomes interesting to a rule (ctt_report_entry):
+ *   - its first reply comes CTT_LATE_NS or more after confirm, or it is still
+ *     unreplied that long when the client retransmits (late-establish,
+ *     wrong-pod, the no-reply evidence of unnated-reply);
+ *   - its DNAT target is in ctt_watched (userspace: the target's owner died,
+ *     changed, or left its Service);
+ *   - a second socket's connect() lands on it while unreplied (connect.bpf.c:
+ *     inherited-entry), or the client resets its target's answer (reset.bpf.c);
+ * from then on its wanted state changes and its delete follow.  A healthy
+ * entry (answered in time by a target nobody watches, one socket) sends
+ * nothing.  With CTT_STREAM_ALL (--flows) every entry is reported at confirm.
+ * Reported late, an entry's history is replayed first: a NEW stamped with its
+ * confirm time, then its first reply, so userspace sees what it would have
+ * seen had the record been sent at the time.
+ *
+ * Why kprobes here when connect.bpf.c uses trampolines: these are functions
+ * of the nf_conntrack module, and BCC (0.26, Debian 12) resolves fentry/fexit
+ * targets in vmlinux's BTF only.  nf_conntrack_tcp_packet runs for every TCP
+ * packet conntrack sees; it is still the only place a state change shows
+ * (there is no conntrack tracepoint), so its probe pair stays: for an entry
+ * not tracked, the entry probe costs one hash lookup and stashes nothing.
+ * All three functions are global symbols of nf_conntrack: load it before
+ * attaching.
  *
  * Kernels compared (Debian 6.1.0-57 and 6.12.118+deb12, the two the VM tier
  * boots): the three signatures are the same in both header trees
@@ -127,11 +146,37 @@ int ctt_confirm_enter(struct pt_regs *ctx, struct sk_buff *skb)
 	return 0;
 }
 
+/* What the kernel keeps of ev's entry, created now. */
+static __always_inline void ctt_track(struct ctt_tracked *t, const struct ctt_ct_event *ev)
+{
+	struct ctt_sock_key sock = {};
+	struct ctt_connect_event *creator;
+
+	t->created_ns = ev->created_ns;
+	t->orig = ev->orig;
+	t->reply = ev->reply;
+	t->netns_ino = ev->hdr.netns_ino;
+	t->mark = ev->mark;
+	t->zone = ev->zone;
+	t->l3num = ev->l3num;
+	t->status = ev->status;
+	t->state = ev->tcp_state;
+	/* The socket whose SYN this is: tcp_connect ran just before (connect.bpf.c). */
+	__builtin_memcpy(&sock.saddr_be, ev->orig.saddr, 4);
+	__builtin_memcpy(&sock.daddr_be, ev->orig.daddr, 4);
+	sock.sport_be = ev->orig.sport_be;
+	sock.dport_be = ev->orig.dport_be;
+	creator = ctt_connects.lookup(&sock);
+	if (creator && ev->created_ns - creator->hdr.ts_ns <= CTT_INHERIT_NS)
+		t->creator = *creator;
+}
+
 int ctt_confirm_return(struct pt_regs *ctx)
 {
 	__u64 key = ctt_call_key();
 	struct ctt_ct_event *ev = ctt_confirm_stash.lookup(&key);
 	struct ctt_tracked tracked = {};
+	struct ctt_client_key client = {};
 	int verdict = PT_REGS_RC(ctx);
 	__u64 ct_ptr;
 
@@ -149,17 +194,17 @@ int ctt_confirm_return(struct pt_regs *ctx)
 	/* read before the kernel set IPS_CONFIRMED; NF_ACCEPT means it is set now */
 	ev->status |= IPS_CONFIRMED;
 
-	tracked.created_ns = ev->created_ns;
-	tracked.orig = ev->orig;
-	tracked.reply = ev->reply;
-	tracked.netns_ino = ev->hdr.netns_ino;
-	tracked.mark = ev->mark;
-	tracked.zone = ev->zone;
-	tracked.l3num = ev->l3num;
+	ctt_track(&tracked, ev);
 	ct_ptr = ev->ct_ptr;
+	if (CTT_STREAM_ALL || ctt_is_watched(ev->reply.saddr)) {
+		tracked.reported = 1;
+		ctt_count(CTT_CNT_REPORTED);
+		ctt_emit(ctx, ev, sizeof(*ev));
+	}
 	ctt_tracked.update(&ct_ptr, &tracked);
-
-	ctt_emit(ctx, ev, sizeof(*ev));
+	ctt_count(CTT_CNT_TRACKED);
+	ctt_client_of(&client, &ev->orig);
+	ctt_unreplied.update(&client, &ct_ptr);
 	ctt_confirm_stash.delete(&key);
 	return 0;
 }
@@ -223,21 +268,89 @@ static __always_inline void ctt_fill_tracked(struct ctt_ct_event *ev, __u32 kind
 	ev->l3num = tracked->l3num;
 }
 
-/* Emit CTT_EV_CT_UPDATE when ct's state moved from old_state in a way the rules need. */
-static __always_inline void ctt_report_transition(struct pt_regs *ctx, struct nf_conn *ct,
-						  __u64 ct_ptr, const struct ctt_tracked *tracked,
-						  __u8 old_state)
+/* The entry is answered or gone: no connect() or reset can inherit or reset it now. */
+static __always_inline void ctt_forget_unreplied(const struct ctt_tracked *t, __u64 ct_ptr)
+{
+	struct ctt_client_key client = {};
+	__u64 *held;
+
+	ctt_client_of(&client, &t->orig);
+	held = ctt_unreplied.lookup(&client);
+	if (held && *held == ct_ptr)
+		ctt_unreplied.delete(&client);
+}
+
+/*
+ * The entry became interesting: from now on userspace holds it.  Its history
+ * so far is sent first: the creating socket's connect(), a NEW stamped with
+ * the confirm time, and, when it was answered before state_before (the state
+ * at this moment), its first reply.  Nothing when it was reported already.
+ */
+static __always_inline void ctt_report_entry(void *ctx, struct nf_conn *ct, __u64 ct_ptr,
+					     struct ctt_tracked *t, __u8 state_before)
 {
 	struct ctt_ct_event ev = {};
 
-	CTT_READ(ev.tcp_state, ct, struct nf_conn, proto.tcp.state);
-	if (ev.tcp_state == old_state)
+	if (t->reported)
 		return;
-	if (!ctt_transition_wanted(old_state, ev.tcp_state)) {
+	t->reported = 1;
+	ctt_count(CTT_CNT_REPORTED);
+	if (t->creator.hdr.kind)
+		ctt_emit(ctx, &t->creator, sizeof(t->creator));
+	ctt_fill_tracked(&ev, CTT_EV_CT_NEW, ct, ct_ptr, t);
+	ev.hdr.ts_ns = t->created_ns;
+	ev.status &= ~(IPS_SEEN_REPLY | IPS_ASSURED);
+	ev.tcp_state = TCP_CONNTRACK_SYN_SENT;
+	ctt_emit(ctx, &ev, sizeof(ev));
+	if (!t->replied_ns || state_before == TCP_CONNTRACK_SYN_SENT)
+		return;
+	ev.hdr.kind = CTT_EV_CT_UPDATE;
+	ev.hdr.ts_ns = t->replied_ns;
+	ev.status |= IPS_SEEN_REPLY;
+	ev.old_tcp_state = TCP_CONNTRACK_SYN_SENT;
+	ev.tcp_state = state_before;
+	ctt_emit(ctx, &ev, sizeof(ev));
+}
+
+/*
+ * ct's call of nf_conntrack_tcp_packet is over; old_state was its state before.
+ * Decides whether the entry became interesting, and emits CTT_EV_CT_UPDATE for
+ * a change the rules need of an entry userspace holds.
+ */
+static __always_inline void ctt_report_transition(struct pt_regs *ctx, struct nf_conn *ct,
+						  __u64 ct_ptr, struct ctt_tracked *t,
+						  __u8 old_state)
+{
+	struct ctt_ct_event ev = {};
+	__u64 now = bpf_ktime_get_ns();
+	__u8 state = 0;
+
+	CTT_READ(state, ct, struct nf_conn, proto.tcp.state);
+	if (state == old_state) {
+		/* A retransmitted SYN of an entry still unreplied CTT_LATE_NS after confirm. */
+		if (old_state == TCP_CONNTRACK_SYN_SENT && !t->replied_ns &&
+		    now - t->created_ns >= CTT_LATE_NS)
+			ctt_report_entry(ctx, ct, ct_ptr, t, old_state);
+		return;
+	}
+	t->state = state;
+	if (old_state == TCP_CONNTRACK_SYN_SENT && !t->replied_ns) {
+		t->replied_ns = now;  /* the first reply (or the RST that closed it unanswered) */
+		ctt_forget_unreplied(t, ct_ptr);
+		if (now - t->created_ns >= CTT_LATE_NS)
+			ctt_report_entry(ctx, ct, ct_ptr, t, old_state);
+	}
+	if (!t->reported && ctt_is_watched(t->reply.saddr))
+		ctt_report_entry(ctx, ct, ct_ptr, t, old_state);
+	if (!t->reported)
+		return;
+	if (!ctt_transition_wanted(old_state, state)) {
 		ctt_count(CTT_CNT_FILTERED_TRANSITION);
 		return;
 	}
-	ctt_fill_tracked(&ev, CTT_EV_CT_UPDATE, ct, ct_ptr, tracked);
+	ctt_fill_tracked(&ev, CTT_EV_CT_UPDATE, ct, ct_ptr, t);
+	ev.hdr.ts_ns = now;
+	ev.tcp_state = state;
 	ev.old_tcp_state = old_state;
 	ctt_emit(ctx, &ev, sizeof(ev));
 }
@@ -264,13 +377,26 @@ int ctt_tcp_packet_return(struct pt_regs *ctx)
 	return 0;
 }
 
+/* A confirmed NATed TCP entry of the traced namespace(s): ctt_tracked should hold it. */
+static __always_inline int ctt_should_be_tracked(const struct nf_conn *ct)
+{
+	unsigned long status = 0;
+	__u8 proto = 0;
+
+	CTT_READ(status, ct, struct nf_conn, status);
+	CTT_READ(proto, ct, struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple.dst.protonum);
+	if (proto != IPPROTO_TCP || !(status & IPS_NAT_MASK) || !(status & IPS_CONFIRMED))
+		return 0;
+	return !CTT_NETNS_INO || ctt_ct_netns(ct) == CTT_NETNS_INO;
+}
+
 /*
  * bool nf_ct_delete(struct nf_conn *ct, u32 portid, int report)
  * Every way a confirmed entry dies goes through here: timeout (gc worker),
  * nf_ct_kill (RST, NEW SYN on a closed entry), early drop, ctnetlink delete,
  * flush, namespace exit.  The entry is still intact at entry.  When the kill
  * comes from nf_conntrack_tcp_packet itself, its pending state change is
- * reported first: UPDATE (SYN_SENT -> CLOSE), then DESTROY.
+ * handled first: UPDATE (SYN_SENT -> CLOSE), then DESTROY.
  */
 int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
 {
@@ -280,12 +406,16 @@ int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
 	struct ctt_tcp_call *call;
 	__u64 call_key;
 
-	if (!tracked)
+	if (!tracked) {
+		/* Evicted from the LRU map (or confirmed before we attached): counted. */
+		if (ctt_should_be_tracked(ct))
+			ctt_count(CTT_CNT_UNSEEN_DELETE);
 		return 0;
+	}
 	/*
 	 * A RST to an entry that never saw a reply (or a SYN on a closed one)
 	 * makes nf_conntrack_tcp_packet kill the entry itself, before it
-	 * returns: its SYN_SENT -> CLOSE would be lost with the entry.  Report
+	 * returns: its SYN_SENT -> CLOSE would be lost with the entry.  Handle
 	 * the transition of that call here, before the delete.
 	 */
 	call_key = ctt_call_key();
@@ -294,9 +424,12 @@ int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
 		ctt_report_transition(ctx, ct, ct_ptr, tracked, call->old_state);
 		ctt_tcp_stash.delete(&call_key);
 	}
-	CTT_READ(ev.tcp_state, ct, struct nf_conn, proto.tcp.state);
-	ctt_fill_tracked(&ev, CTT_EV_CT_DESTROY, ct, ct_ptr, tracked);
-	ctt_emit(ctx, &ev, sizeof(ev));
+	ctt_forget_unreplied(tracked, ct_ptr);
+	if (tracked->reported) {
+		CTT_READ(ev.tcp_state, ct, struct nf_conn, proto.tcp.state);
+		ctt_fill_tracked(&ev, CTT_EV_CT_DESTROY, ct, ct_ptr, tracked);
+		ctt_emit(ctx, &ev, sizeof(ev));
+	}
 	ctt_tracked.delete(&ct_ptr);
 	return 0;
 }

@@ -30,7 +30,13 @@
 #define CTT_CNT_NOT_ACCEPTED  2 /* confirm returned != NF_ACCEPT (insert clash: drop) */
 #define CTT_CNT_STASH_FULL    3 /* a call could not be remembered for its return probe: event lost */
 #define CTT_CNT_FILTERED_TRANSITION 4 /* a tracked entry's state change no rule needs: not sent */
-#define CTT_NR_COUNTERS       5
+#define CTT_CNT_EMITTED       5 /* records written to the ring/perf buffer */
+#define CTT_CNT_TRACKED       6 /* NATed TCP entries added to ctt_tracked at confirm */
+#define CTT_CNT_REPORTED      7 /* tracked entries that became interesting: sent to userspace */
+#define CTT_CNT_UNSEEN_DELETE 8 /* a NATed TCP entry's delete found no ctt_tracked record:
+				 * evicted by the LRU, or confirmed before the programs attached */
+#define CTT_CNT_QUIET         9 /* connects and resets kept in the kernel: no rule needs them */
+#define CTT_NR_COUNTERS       10
 
 /* One direction of a conntrack tuple, or a socket's 4-tuple. */
 struct ctt_flow {
@@ -83,5 +89,46 @@ struct ctt_reset_event {
 	__u8 sent;              /* 1: this host sent the RST, 0: a local socket received it */
 	__u8 _pad;
 };                               /* 64 bytes */
+
+/*
+ * What the kernel keeps of one NATed TCP entry (map ctt_tracked, key: the
+ * struct nf_conn address), from confirm to delete.  Userspace reads it when it
+ * asks for the entries toward an address (bpf_layout.CttTracked mirrors it).
+ */
+struct ctt_tracked {
+	__u64 created_ns;       /* confirm */
+	__u64 replied_ns;       /* first state change out of SYN_SENT; 0: never answered */
+	struct ctt_flow orig;
+	struct ctt_flow reply;
+	__u32 netns_ino;
+	__u32 mark;
+	__u16 zone;
+	__u16 l3num;
+	__u32 status;           /* ct->status at confirm */
+	__u8 state;             /* the last ct->proto.tcp.state seen */
+	__u8 reported;          /* userspace holds this entry: its changes and delete go out */
+	__u8 _pad[6];
+	struct ctt_connect_event creator;  /* hdr.kind 0: no local connect() seen creating it */
+};                               /* 184 bytes */
+
+/* The client side of an entry (its original source), for joins by address and port. */
+struct ctt_client_key {
+	__u8 addr[16];
+	__u16 port_be;
+	__u16 _pad;
+};                               /* 20 bytes */
+
+/* A socket's IPv4 4-tuple: the key of the connects remembered in the kernel. */
+struct ctt_sock_key {
+	__u32 saddr_be;
+	__u32 daddr_be;
+	__u16 sport_be;
+	__u16 dport_be;
+};                               /* 12 bytes */
+
+/* A watched DNAT target: union nf_inet_addr's 16 bytes, IPv4 in the first 4. */
+struct ctt_addr {
+	__u8 addr[16];
+};
 
 #endif /* CTTRACE_H */

@@ -44,6 +44,24 @@
 #ifndef CTT_NETNS_MAX
 #define CTT_NETNS_MAX 1024     /* network namespaces whose failed inserts are counted */
 #endif
+#ifndef CTT_STREAM_ALL
+#define CTT_STREAM_ALL 0       /* 1: send every record (--flows); 0: only what a rule may need */
+#endif
+#ifndef CTT_LATE_NS
+#define CTT_LATE_NS 3000000000ULL  /* an entry unreplied this long is reported (--late-after) */
+#endif
+#ifndef CTT_INHERIT_NS
+#define CTT_INHERIT_NS 1000000000ULL  /* a connect() this long after confirm did not create it */
+#endif
+#ifndef CTT_CONNECTS_MAX
+#define CTT_CONNECTS_MAX 65536 /* connect()s remembered until their entry is confirmed */
+#endif
+#ifndef CTT_WATCHED_MAX
+#define CTT_WATCHED_MAX 16384  /* DNAT targets userspace watches */
+#endif
+#ifndef CTT_FENTRY
+#define CTT_FENTRY 0           /* 1: tcp_connect through a BPF trampoline (fentry) */
+#endif
 
 /* ---- output ---- */
 #if CTT_USE_RINGBUF
@@ -54,21 +72,25 @@ BPF_PERF_OUTPUT(ctt_events);
 
 BPF_PERCPU_ARRAY(ctt_counters, __u64, CTT_NR_COUNTERS);
 
-/* A NATed TCP entry seen at confirm: what UPDATE and DESTROY need to say
- * about it without re-reading the tuples. */
-struct ctt_tracked {
-	__u64 created_ns;
-	struct ctt_flow orig;
-	struct ctt_flow reply;
-	__u32 netns_ino;
-	__u32 mark;
-	__u16 zone;
-	__u16 l3num;
-};
-
 /* Key: the struct nf_conn address.  LRU, so that entries whose delete we
- * never saw (probe detached and re-attached) age out instead of filling it. */
+ * never saw (probe detached and re-attached) age out instead of filling it;
+ * a delete that finds no record is counted (CTT_CNT_UNSEEN_DELETE). */
 BPF_TABLE("lru_hash", __u64, struct ctt_tracked, ctt_tracked, CTT_TRACKED_MAX);
+
+/* Unreplied tracked entries by their client address and port: a second
+ * socket's connect() and a reset the client sends find their entry here.
+ * Removed at the first reply and at delete. */
+BPF_TABLE("lru_hash", struct ctt_client_key, __u64, ctt_unreplied, CTT_TRACKED_MAX);
+
+/* The last connect() per socket 4-tuple, until confirm copies it into the
+ * entry it created (tcp_connect runs before the SYN reaches conntrack). */
+BPF_TABLE("lru_hash", struct ctt_sock_key, struct ctt_connect_event, ctt_connects,
+	  CTT_CONNECTS_MAX);
+
+/* DNAT targets userspace watches (their owner died, changed, or left its
+ * Service): every tracked entry toward one is reported.  Filled and emptied
+ * by userspace from the identity index; the value is unused. */
+BPF_HASH(ctt_watched, struct ctt_addr, __u8, CTT_WATCHED_MAX);
 
 /* ---- helpers ---- */
 #define CTT_READ(dst, ptr, type, member)                                      \
@@ -88,10 +110,39 @@ static __always_inline void ctt_emit(void *ctx, void *data, __u32 size)
 #if CTT_USE_RINGBUF
 	if (ctt_events.ringbuf_output(data, size, 0) < 0)
 		ctt_count(CTT_CNT_LOST);
+	else
+		ctt_count(CTT_CNT_EMITTED);
 #else
 	if (ctt_events.perf_submit(ctx, data, size) < 0)
 		ctt_count(CTT_CNT_LOST);
+	else
+		ctt_count(CTT_CNT_EMITTED);
 #endif
+}
+
+/* Is addr (union nf_inet_addr bytes) a DNAT target userspace watches? */
+static __always_inline int ctt_is_watched(const __u8 *addr)
+{
+	struct ctt_addr key = {};
+
+	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
+	return ctt_watched.lookup(&key) != NULL;
+}
+
+/* a[0:16] == b[0:16]; __builtin_memcmp may become a call to memcmp, which BPF lacks. */
+static __always_inline int ctt_addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u64 x[2], y[2];
+
+	__builtin_memcpy(x, a, sizeof(x));
+	__builtin_memcpy(y, b, sizeof(y));
+	return x[0] == y[0] && x[1] == y[1];
+}
+
+static __always_inline void ctt_client_of(struct ctt_client_key *key, const struct ctt_flow *orig)
+{
+	__builtin_memcpy(key->addr, orig->saddr, sizeof(key->addr));
+	key->port_be = orig->sport_be;
 }
 
 /*

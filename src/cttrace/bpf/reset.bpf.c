@@ -3,7 +3,12 @@
  * reset.bpf.c: TCP resets sent and received by this host.
  *
  *   tcp_v4_send_reset (kprobe), or tcp:tcp_send_reset    -> CTT_EV_RESET, sent=1
- *   tcp:tcp_receive_reset                                -> CTT_EV_RESET, sent=0
+ *   tcp:tcp_receive_reset (with CTT_STREAM_ALL only)     -> CTT_EV_RESET, sent=0
+ *
+ * A sent reset leaves the kernel only when it is evidence for a rule: the
+ * client resets the target of one of its unreplied entries (unnated-reply:
+ * the answer came from the pod IP), found through ctt_unreplied; the entry
+ * is reported first (ctt_report_entry).  With CTT_STREAM_ALL every reset goes.
  *
  * The reset that matters most has no socket: a SYN-ACK that arrives from a
  * pod IP instead of the Service VIP (the reply was not reverse-NATed) matches
@@ -40,7 +45,31 @@
  * The kernel still returns without sending for a RST or a non-local
  * destination: this records the attempt.
  */
-int ctt_send_reset_enter(struct pt_regs *ctx, const struct sock *sk, struct sk_buff *skb)
+static __always_inline void ctt_reset_out(void *ctx, const struct ctt_reset_event *ev)
+{
+	struct ctt_client_key client = {};
+	struct ctt_tracked *t;
+	__u64 *ct_ptr;
+
+	if (CTT_STREAM_ALL) {
+		ctt_emit(ctx, (void *)ev, sizeof(*ev));
+		return;
+	}
+	__builtin_memcpy(client.addr, ev->flow.saddr, sizeof(client.addr));
+	client.port_be = ev->flow.sport_be;
+	ct_ptr = ctt_unreplied.lookup(&client);
+	t = ct_ptr ? ctt_tracked.lookup(ct_ptr) : NULL;
+	if (!t || t->replied_ns || t->reply.sport_be != ev->flow.dport_be ||
+	    !ctt_addr_eq(t->reply.saddr, ev->flow.daddr)) {
+		ctt_count(CTT_CNT_QUIET);
+		return;
+	}
+	ctt_report_entry(ctx, (struct nf_conn *)*ct_ptr, *ct_ptr, t, TCP_CONNTRACK_SYN_SENT);
+	ctt_emit(ctx, (void *)ev, sizeof(*ev));
+}
+
+static __always_inline int ctt_on_send_reset(void *ctx, const struct sock *sk,
+					     struct sk_buff *skb)
 {
 	struct ctt_reset_event ev = {};
 	unsigned char *head = NULL;
@@ -78,8 +107,15 @@ int ctt_send_reset_enter(struct pt_regs *ctx, const struct sock *sk, struct sk_b
 	__builtin_memcpy(ev.flow.daddr, &iph.saddr, sizeof(iph.saddr));
 	ev.flow.sport_be = th.dest;
 	ev.flow.dport_be = th.source;
-	ctt_emit(ctx, &ev, sizeof(ev));
+	ctt_reset_out(ctx, &ev);
 	return 0;
+}
+
+/* A kprobe: tcp_v4_send_reset is static (reached through BTF only where it was
+ * not inlined), and resets are rare next to packets. */
+int ctt_send_reset_enter(struct pt_regs *ctx, const struct sock *sk, struct sk_buff *skb)
+{
+	return ctt_on_send_reset(ctx, sk, skb);
 }
 
 /*
@@ -114,7 +150,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	struct ctt_reset_event ev = {};
 
 	CTT_RESET_FROM_TP(args, ev, 1, s, d);
-	ctt_emit(args, &ev, sizeof(ev));
+	ctt_reset_out(args, &ev);
 	return 0;
 }
 #endif

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Final, Protocol, TypeAlias, TypeVar
@@ -223,6 +223,9 @@ class IdentityIndex:
         self._now = float("-inf")
         self._generation = 0
         self._in_sync = False
+        #: Called with (ip, t) when ip's owner lets go of it (died, IP moved) or a Service's
+        #: listing of it ends or changes: the bpf source then watches entries toward ip.
+        self.on_ip_change: Callable[[str, float], None] | None = None
 
     # -- IdentityView --------------------------------------------------------------------------
 
@@ -432,6 +435,7 @@ class IdentityIndex:
                 kept.append(ip)
             else:
                 _last(self._owners[ip]).until = t
+                self._ip_changed(ip, t)
         for ip in ips:
             if ip in state.held:
                 continue
@@ -448,6 +452,7 @@ class IdentityIndex:
     def _take_over(self, ip: str, previous: _Held, t: float) -> None:
         """Another uid shows ``ip`` while ``previous`` still holds it: the IP moved at ``t``."""
         previous.until = t
+        self._ip_changed(ip, t)
         self._counts["ip_moves"] += 1
         old = self._pods.get(previous.pod.uid)
         if old is not None:
@@ -457,6 +462,7 @@ class IdentityIndex:
     def _release(self, state: _PodState, t: float) -> None:
         for ip in state.held:
             _last(self._owners[ip]).until = t
+            self._ip_changed(ip, t)
         state.held = ()
 
     def _delete_pod(self, uid: str, t: float, info: PodInfo | None) -> None:
@@ -586,10 +592,15 @@ class IdentityIndex:
                 current.flags = flags  # changed again within the same instant
                 return
             current.until = t
+            self._ip_changed(ip, t)
         if present:
             per_ip[ip] = _appended(timeline, _Member(t, pod_uid, flags))
 
     # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _ip_changed(self, ip: str, t: float) -> None:
+        if self.on_ip_change is not None:
+            self.on_ip_change(ip, t)
 
     def _advance(self, ts: float) -> float:
         if ts > self._now:

@@ -1,7 +1,10 @@
 """The interactive ``cttrace watch`` view (rich): flows, findings, a status line.
 
 It redraws only from the pipeline's own thread (on status ticks and findings),
-so it reads the correlator's tables without locks. On a terminal it redraws in
+so it reads the correlator's tables without locks. With the bpf source the
+kernel keeps the healthy entries and sends nothing of them; the view reads
+those from the kernel's map at a refresh (``kept``, at most every
+:data:`KEPT_S` seconds) and shows them beside the correlator's own. On a terminal it redraws in
 place; into a pipe or file (``watch -o table | head``), where nothing can be
 redrawn, it prints a snapshot at the start, at each finding, every
 :data:`SNAPSHOT_S` seconds and at the end.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -32,12 +36,18 @@ _MAX_ROWS = 15
 _MAX_FINDINGS = 8
 #: Seconds between snapshots of the view when the output is not a terminal.
 SNAPSHOT_S = 10.0
+#: Seconds between two reads of the entries the kernel keeps (a walk of its map).
+KEPT_S = 1.0
 
 
 class LiveView:
     def __init__(self, correlator: Correlator, identity: IdentityView | None,
-                 flt: Filter | None = None, console: Console | None = None) -> None:
+                 flt: Filter | None = None, console: Console | None = None,
+                 kept: Callable[[], list[Entry]] | None = None) -> None:
         self.correlator = correlator
+        self.kept = kept
+        self._kept: list[Entry] = []
+        self._kept_at = float("-inf")
         self.identity = identity
         self.filter = flt or Filter()
         self.console = console or Console()
@@ -92,12 +102,11 @@ class LiveView:
         for col in ("client", "service", "backend", "state", "age", "flags"):
             table.add_column(col, no_wrap=True)
         now = time.time()
-        rows: list[Entry] = []
-        for entry in self.correlator.entries.newest_first():
-            if self._show(entry, now):
-                rows.append(entry)
-                if len(rows) >= _MAX_ROWS:
-                    break
+        rows = self._newest(self.correlator.entries.newest_first(), now)
+        held = {entry.entry_id for entry in rows}
+        kept = [e for e in self._kept_entries() if e.entry_id not in held]
+        rows = sorted(rows + self._newest(kept, now), reverse=True,
+                      key=lambda e: e.created or e.last_seen)[:_MAX_ROWS]
         for entry in rows:
             t = entry.created or entry.last_seen
             service: ServiceRef | None = (
@@ -115,6 +124,27 @@ class LiveView:
                 " ".join(status_names(entry.status)),
             )
         return table
+
+    def _newest(self, entries: Iterable[Entry], now: float) -> list[Entry]:
+        """The first :data:`_MAX_ROWS` of ``entries`` (newest first) the filter shows."""
+        rows: list[Entry] = []
+        for entry in entries:
+            if self._show(entry, now):
+                rows.append(entry)
+                if len(rows) >= _MAX_ROWS:
+                    break
+        return rows
+
+    def _kept_entries(self) -> list[Entry]:
+        """The kernel's kept entries, newest first, read again when :data:`KEPT_S` passed."""
+        if self.kept is None:
+            return []
+        now = time.monotonic()
+        if now - self._kept_at >= KEPT_S:
+            self._kept_at = now
+            self._kept = sorted(self.kept(), key=lambda e: e.created or e.last_seen,
+                                reverse=True)
+        return self._kept
 
     def _show(self, entry: Entry, now: float) -> bool:
         if self.filter.empty:

@@ -22,6 +22,8 @@ class SourceStats:
     filtered: int = 0  # events seen but dropped as irrelevant (non-TCP, un-NATed)
     # source-specific counters (kretprobe misses, ...)
     extra: dict[str, int] = field(default_factory=dict)
+    # how each kernel hook is attached and why: {"tcp_connect": ("fentry", "kernel BTF")}
+    hooks: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class Source(Protocol):
@@ -36,3 +38,11 @@ class Source(Protocol):
     def stats(self) -> SourceStats: ...
 
     def close(self) -> None: ...
+
+
+def hooks_json(stats: SourceStats) -> dict[str, object]:
+    """``{"hooks": {function: {"mode": ..., "why": ...}}}`` for the ``source`` line; {} for a
+    source without kernel hooks."""
+    if not stats.hooks:
+        return {}
+    return {"hooks": {fn: {"mode": mode, "why": why} for fn, (mode, why) in stats.hooks.items()}}

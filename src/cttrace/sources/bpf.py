@@ -18,6 +18,7 @@ calls were in flight) are read from tracefs' ``kprobe_profile``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -29,19 +30,31 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from cttrace.correlator import Entry
 from cttrace.errors import SourceError
-from cttrace.events import Event, Lost
-from cttrace.rules import UNREPLIED_TCP_STATES, WANTED_TCP_STATES
+from cttrace.events import CtStatus, Event, Lost
+from cttrace.rules import UNREPLIED_TCP_STATES, WANTED_TCP_STATES, Settings
+from cttrace.rules.inherited_entry import INHERIT_WINDOW
+from cttrace.rules.late_establish import LATE_AFTER
 from cttrace.sources import SourceStats
 from cttrace.sources.bcc_compile import CompileFailed, compile_program
 from cttrace.sources.bpf_layout import (
+    CNT_EMITTED,
     CNT_FILTERED,
     CNT_FILTERED_TRANSITION,
     CNT_LOST,
     CNT_NOT_ACCEPTED,
+    CNT_QUIET,
+    CNT_REPORTED,
     CNT_STASH_FULL,
+    CNT_TRACKED,
+    CNT_UNSEEN_DELETE,
+    CttTracked,
     DecodeError,
+    addr_key,
     decode,
+    tracked_events,
+    tracked_flows,
 )
 from cttrace.sources.probe import SEND_RESET_KPROBE, BpfFeatures, check_bpf
 
@@ -58,8 +71,11 @@ _KPROBES = (
     ("__nf_conntrack_confirm", "ctt_confirm_enter", "ctt_confirm_return"),
     ("nf_conntrack_tcp_packet", "ctt_tcp_packet_enter", "ctt_tcp_packet_return"),
     ("nf_ct_delete", "ctt_ct_delete", None),
-    ("tcp_connect", "ctt_connect_enter", None),
 )
+_CONNECT = ("tcp_connect", "ctt_connect_enter", None)
+#: Why the nf_conntrack hooks are kprobes even where the kernel has BTF.
+_MODULE_KPROBE = ("nf_conntrack is a module, and BCC resolves fentry/fexit targets in "
+                  "vmlinux's BTF only")
 
 
 def default_bpf_dir() -> Traversable:
@@ -89,6 +105,24 @@ class BpfSettings:
     """Where sent resets are seen: ``kprobe`` (tcp_v4_send_reset, sees socketless ones),
     ``tracepoint`` (tcp:tcp_send_reset) or ``off``."""
     receive_reset_tracepoint: bool = True
+    """Also report resets local sockets receive (tcp:tcp_receive_reset); with ``stream_all``
+    only: no rule needs them."""
+    stream_all: bool = False
+    """Send every record to userspace (``--flows``, the record-level tests);
+    False: the kernel keeps each entry and sends it only once a rule may need it."""
+    late_after_ns: int = round(LATE_AFTER.default * 1e9)
+    """An entry unreplied this long is sent: ``--late-after``, the earliest a first-reply
+    rule (late-establish, wrong-pod decided on a reply) or unnated-reply's no-reply can fire."""
+    inherit_ns: int = round(INHERIT_WINDOW.default * 1e9)
+    """A connect() this long after its entry's confirm did not create it (the correlator's
+    ``inherit_window``)."""
+    connects_max: int = 65536
+    """connect()s remembered until their entry is confirmed (LRU)."""
+    watched_max: int = 16384
+    """DNAT targets userspace can watch at once."""
+    fentry: bool = True
+    """Reach tcp_connect through a BPF trampoline (fentry) where the kernel allows it,
+    instead of a kprobe."""
 
     def defines(self) -> str:
         values = {
@@ -102,12 +136,30 @@ class BpfSettings:
             # The state changes the rules read (cttrace.rules), as enum tcp_conntrack bits.
             "CTT_WANTED_FROM_STATES": f"{_state_bits(UNREPLIED_TCP_STATES):#x}U",
             "CTT_WANTED_TO_STATES": f"{_state_bits(WANTED_TCP_STATES):#x}U",
+            "CTT_STREAM_ALL": int(self.stream_all),
+            "CTT_LATE_NS": f"{self.late_after_ns}ULL",
+            "CTT_INHERIT_NS": f"{self.inherit_ns}ULL",
+            "CTT_CONNECTS_MAX": self.connects_max,
+            "CTT_WATCHED_MAX": self.watched_max,
+            "CTT_FENTRY": int(self.fentry),
         }
         return "".join(f"#define {name} {value}\n" for name, value in values.items())
 
 
 def _state_bits(states: frozenset[int]) -> int:
     return sum(1 << state for state in states)
+
+
+def settings_for_rules(rules: Settings, *, stream_all: bool = False) -> BpfSettings:
+    """The settings that let the kernel send exactly what the rules may need: an entry
+    unreplied ``--late-after`` seconds, a connect() within inherited-entry's
+    ``inherit_window`` of its entry's confirm. ``stream_all``: every record (``--flows``)."""
+    return BpfSettings(stream_all=stream_all, late_after_ns=_ns(rules[LATE_AFTER]),
+                       inherit_ns=_ns(rules[INHERIT_WINDOW]))
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1e9)
 
 
 def settings_for(features: BpfFeatures, wanted: BpfSettings) -> BpfSettings:
@@ -121,8 +173,9 @@ def settings_for(features: BpfFeatures, wanted: BpfSettings) -> BpfSettings:
         wanted,
         ringbuf=wanted.ringbuf and features.ringbuf,
         send_reset=send_reset,
-        receive_reset_tracepoint=wanted.receive_reset_tracepoint
+        receive_reset_tracepoint=wanted.receive_reset_tracepoint and wanted.stream_all
         and features.receive_reset_tracepoint,
+        fentry=wanted.fentry and features.fentry_unavailable is None,
     )
 
 
@@ -213,6 +266,8 @@ class BpfSource:
         self._perf_lost = 0
         self._undecodable = 0
         self._detached_tracepoints: list[bytes] = []
+        self._watched: set[str] = set()
+        self._replay: set[str] = set()
 
     # --- what would be compiled ------------------------------------------------------
 
@@ -242,6 +297,87 @@ class BpfSource:
         if self._bpf is None:
             return {}
         return {int(k.value): int(v.value) for k, v in self._bpf["ctt_insert_failed"].items()}
+
+    # --- what userspace asks of the kernel -------------------------------------------------
+
+    def watch_target(self, ip: str) -> None:
+        """Report every entry toward DNAT target ``ip`` from now on (kernel map ctt_watched),
+        and, at the next :meth:`read`, the entries already toward it that the kernel kept.
+
+        Called when ``ip``'s owner died, changed, or left its Service: a rule may now need
+        entries that were healthy until then (dead-endpoint, wrong-pod).
+        """
+        if self._bpf is None or ip in self._watched:
+            return
+        table = self._bpf["ctt_watched"]
+        key = table.Key()
+        ctypes.memmove(ctypes.addressof(key), addr_key(ip), ctypes.sizeof(key))
+        try:
+            table[key] = table.Leaf(1)
+        except Exception:  # BCC raises bare Exception; E2BIG: the map is full
+            self._stats.extra["watched_full"] = self._stats.extra.get("watched_full", 0) + 1
+            return
+        self._watched.add(ip)
+        self._replay.add(ip)
+
+    def unwatch_target(self, ip: str) -> None:
+        """Stop reporting new entries toward ``ip`` (its watch window has passed)."""
+        if self._bpf is None or ip not in self._watched:
+            return
+        table = self._bpf["ctt_watched"]
+        key = table.Key()
+        ctypes.memmove(ctypes.addressof(key), addr_key(ip), ctypes.sizeof(key))
+        with contextlib.suppress(KeyError):
+            del table[key]
+        self._watched.discard(ip)
+        self._replay.discard(ip)
+
+    def program_runs(self) -> dict[str, tuple[int, int]]:
+        """``{program: (runs, run ns)}`` of every loaded program, from its fd's fdinfo
+        (``run_cnt``, ``run_time_ns``): the kernel counts them while
+        ``kernel.bpf_stats_enabled`` is 1 (bench/bpf_overhead.py turns it on)."""
+        out: dict[str, tuple[int, int]] = {}
+        for name, fn in (self._bpf.funcs.items() if self._bpf is not None else ()):
+            try:
+                info = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":\t", 1) for line in info.splitlines() if ":\t" in line)
+            key = name.decode() if isinstance(name, bytes) else str(name)
+            out[key] = (int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
+        return out
+
+    def _replay_watched(self) -> list[Event]:
+        """The entries the kernel kept toward the newly watched targets, as the records it
+        would have sent; each is marked reported so that its changes and delete follow."""
+        targets = {addr_key(ip) for ip in self._replay}
+        self._replay.clear()
+        table = self._bpf["ctt_tracked"]
+        out: list[Event] = []
+        for key, value in table.items():
+            tracked = CttTracked.from_buffer_copy(bytes(value))
+            if tracked.reported or bytes(tracked.reply.saddr) not in targets:
+                continue
+            out.extend(tracked_events(int(key.value), tracked, self._mono_to_wall))
+            value.reported = 1
+            try:
+                table[key] = value  # races the kernel's own update: at worst a state is stale
+            except Exception:  # BCC raises bare Exception; the entry was deleted meanwhile
+                continue
+        return out
+
+    def kept_entries(self) -> list[Entry]:
+        """The entries the kernel keeps and has sent nothing of (healthy so far), read from
+        its map now: what the live table shows beside the correlator's own entries at each
+        refresh, where otherwise every record of every connection would stream to userspace."""
+        if self._bpf is None:
+            return []
+        out: list[Entry] = []
+        for key, value in self._bpf["ctt_tracked"].items():
+            tracked = CttTracked.from_buffer_copy(bytes(value))
+            if not tracked.reported:
+                out.append(kept_entry(int(key.value), tracked, self._mono_to_wall))
+        return out
 
     # --- Source protocol ---------------------------------------------------------------
 
@@ -277,6 +413,9 @@ class BpfSource:
         bpf = self._bpf
         if bpf is None:
             raise SourceError("bpf source is not open")
+        if self._replay:
+            # First: records for these entries already in the buffer follow their history.
+            self._pending[:0] = self._replay_watched()
         if self._settings is not None and self._settings.ringbuf:
             bpf.ring_buffer_consume()
         else:
@@ -299,6 +438,16 @@ class BpfSource:
             self._stats.extra["filtered_transitions"] = counters[CNT_FILTERED_TRANSITION]
             self._stats.extra["confirm_not_accepted"] = counters[CNT_NOT_ACCEPTED]
             self._stats.extra["stash_full"] = counters[CNT_STASH_FULL]
+            # Where the cost goes: entries the kernel kept, the few it sent, records written.
+            self._stats.extra["entries_tracked"] = counters[CNT_TRACKED]
+            self._stats.extra["entries_reported"] = counters[CNT_REPORTED]
+            self._stats.extra["records_emitted"] = counters[CNT_EMITTED]
+            self._stats.extra["kept_in_kernel"] = counters[CNT_QUIET]
+            # NATed TCP entries deleted while the kernel map did not hold them: evicted
+            # from the LRU map (or older than the programs). Never silent.
+            self._stats.extra["entry_map_evictions"] = counters[CNT_UNSEEN_DELETE]
+            self._stats.extra["watched_targets"] = len(self._watched)
+            self._stats.hooks = self.hooks()
             self._stats.extra["perf_lost"] = self._perf_lost
             misses = _tracefs_misses(
                 self._features.tracefs if self._features else None, os.getpid()
@@ -323,6 +472,8 @@ class BpfSource:
             raise SourceError("bpf source is not open")
         for ev_name in list(bpf.kprobe_fds):
             bpf.detach_kprobe_event(ev_name)
+        for fn_name in list(bpf.kfunc_entry_fds):
+            bpf.detach_kfunc(fn_name)
         tracepoints = list(bpf.tracepoint_fds)
         for tp in tracepoints:
             bpf.detach_tracepoint(tp)
@@ -355,10 +506,35 @@ class BpfSource:
 
     # --- internals ---------------------------------------------------------------------
 
+    def hooks(self) -> dict[str, tuple[str, str]]:
+        """How each kernel function is reached, and why: ``{function: (mode, why)}``
+        (``fentry``, ``kprobe`` or ``kprobe+kretprobe``; the ``source`` line and /metrics)."""
+        settings, features = self._settings, self._features
+        if settings is None or features is None:
+            return {}
+        out = {function: ("kprobe+kretprobe" if ret else "kprobe", _MODULE_KPROBE)
+               for function, _, ret in _KPROBES}
+        if settings.fentry:
+            out["tcp_connect"] = ("fentry", "vmlinux function, kernel BTF and trampolines")
+        else:
+            out["tcp_connect"] = ("kprobe", features.fentry_unavailable or "fentry turned off")
+        if settings.send_reset == "kprobe":
+            out[SEND_RESET_KPROBE] = ("kprobe", "static function: resets are rare")
+        return out
+
     def _attach(self, settings: BpfSettings) -> None:
         bpf = self._bpf
         maxactive = settings.kretprobe_maxactive
         probes = list(_KPROBES)
+        if settings.fentry:
+            # BCC attached it when it loaded the program; again after a detach().
+            if b"kfunc__tcp_connect" not in bpf.kfunc_entry_fds:
+                try:
+                    bpf.attach_kfunc(fn_name=b"tcp_connect")
+                except Exception as exc:  # BCC raises bare Exception
+                    raise SourceError(f"cannot attach fentry to tcp_connect: {exc}") from exc
+        else:
+            probes.append(_CONNECT)
         if settings.send_reset == "kprobe":
             probes.append((SEND_RESET_KPROBE, "ctt_send_reset_enter", None))
         for function, enter, ret in probes:
@@ -418,6 +594,18 @@ class BpfSource:
             )
             out.append(Lost(time.time(), self.name, lost - self._kernel_lost_seen, reason))
             self._kernel_lost_seen = lost
+
+
+def kept_entry(ct_ptr: int, t: CttTracked, mono_to_wall: float) -> Entry:
+    """A kept entry as the correlator's :class:`Entry` (for display: no rule reads it)."""
+    orig, reply = tracked_flows(t)
+    created = t.created_ns / 1e9 + mono_to_wall
+    replied = t.replied_ns / 1e9 + mono_to_wall if t.replied_ns else None
+    status = t.status | (int(CtStatus.SEEN_REPLY) if replied is not None else 0)
+    return Entry(entry_id=ct_ptr, orig_tuple=(orig.src, orig.sport, orig.dst, orig.dport),
+                 target_ip=reply.src,
+                 target_port=reply.sport, created=created, state=t.state, status=status,
+                 source="bpf", last_seen=replied or created, replied=replied)
 
 
 def _compile(bpf_class: Any, text: str, features: BpfFeatures) -> Any:

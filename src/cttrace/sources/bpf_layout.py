@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import socket
 
-from cttrace.events import CtEvent, CtKind, Event, Flow, SockConnect, TcpReset
+from cttrace.events import CtEvent, CtKind, CtStatus, Event, Flow, SockConnect, TcpReset, TcpState
 
 # ctt_header.kind
 EV_CT_NEW = 1
@@ -28,7 +28,12 @@ CNT_FILTERED = 1
 CNT_NOT_ACCEPTED = 2
 CNT_STASH_FULL = 3
 CNT_FILTERED_TRANSITION = 4
-NR_COUNTERS = 5
+CNT_EMITTED = 5
+CNT_TRACKED = 6
+CNT_REPORTED = 7
+CNT_UNSEEN_DELETE = 8
+CNT_QUIET = 9
+NR_COUNTERS = 10
 
 _CT_KINDS = {EV_CT_NEW: CtKind.NEW, EV_CT_UPDATE: CtKind.UPDATE, EV_CT_DESTROY: CtKind.DESTROY}
 
@@ -94,6 +99,26 @@ class CttResetEvent(ctypes.Structure):
     )
 
 
+class CttTracked(ctypes.Structure):
+    """What the kernel keeps of one NATed TCP entry (map ctt_tracked), read on request."""
+
+    _fields_ = (
+        ("created_ns", ctypes.c_uint64),
+        ("replied_ns", ctypes.c_uint64),
+        ("orig", CttFlow),
+        ("reply", CttFlow),
+        ("netns_ino", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("zone", ctypes.c_uint16),
+        ("l3num", ctypes.c_uint16),
+        ("status", ctypes.c_uint32),
+        ("state", ctypes.c_uint8),
+        ("reported", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 6),
+        ("creator", CttConnectEvent),
+    )
+
+
 #: Record type per kind, for size checks.
 RECORDS: dict[int, type[ctypes.Structure]] = {
     EV_CT_NEW: CttCtEvent,
@@ -106,6 +131,12 @@ RECORDS: dict[int, type[ctypes.Structure]] = {
 
 class DecodeError(ValueError):
     """A record that is not one the programs in bpf/ write (short, or of unknown kind)."""
+
+
+def addr_key(ip: str) -> bytes:
+    """An address as union nf_inet_addr's 16 bytes (IPv4 in the first 4): the kernel's keys."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return socket.inet_pton(family, ip).ljust(16, b"\0")
 
 
 def _addr(raw: bytes, family: int) -> str:
@@ -158,20 +189,56 @@ def decode(raw: bytes, mono_to_wall: float = 0.0) -> Event:
             source="bpf",
         )
     if record is CttConnectEvent:
-        conn = CttConnectEvent.from_buffer_copy(raw)
-        return SockConnect(
-            ts=ts,
-            flow=Flow(
-                socket.inet_ntop(socket.AF_INET, bytes(conn.saddr_be)),
-                socket.ntohs(conn.sport_be),
-                socket.inet_ntop(socket.AF_INET, bytes(conn.daddr_be)),
-                socket.ntohs(conn.dport_be),
-            ),
-            pid=conn.pid,
-            comm=conn.comm.decode(errors="replace"),
-            cgroup_id=conn.cgroup_id,
-            netns_ino=conn.hdr.netns_ino,
-            sock_id=conn.sock_ptr,
-        )
+        return _connect(CttConnectEvent.from_buffer_copy(raw), ts)
     rst = CttResetEvent.from_buffer_copy(raw)
     return TcpReset(ts=ts, flow=_flow(rst.flow, rst.family), sent=bool(rst.sent))
+
+
+_UNANSWERED = ~(int(CtStatus.SEEN_REPLY) | int(CtStatus.ASSURED))
+
+
+def tracked_events(ct_ptr: int, t: CttTracked, mono_to_wall: float = 0.0) -> list[Event]:
+    """The history of a tracked entry as the records it would have sent: the creating
+    socket's connect, a NEW at its confirm, and its first reply when it had one.
+
+    The same replay the kernel sends when an entry becomes interesting
+    (``ctt_report_entry`` in bpf/conntrack.bpf.c); userspace builds it when it asks
+    for the entries toward a DNAT target.
+    """
+    out: list[Event] = []
+    if t.creator.hdr.kind == EV_CONNECT:
+        out.append(_connect(t.creator, t.creator.hdr.ts_ns / 1e9 + mono_to_wall))
+    orig, reply = tracked_flows(t)
+    status = t.status & _UNANSWERED
+    out.append(CtEvent(kind=CtKind.NEW, ts=t.created_ns / 1e9 + mono_to_wall, entry_id=ct_ptr,
+                       orig=orig, reply=reply, tcp_state=int(TcpState.SYN_SENT), status=status,
+                       zone=t.zone, mark=t.mark, source="bpf"))
+    if t.replied_ns and t.state != TcpState.SYN_SENT:
+        out.append(CtEvent(kind=CtKind.UPDATE, ts=t.replied_ns / 1e9 + mono_to_wall,
+                           entry_id=ct_ptr, orig=orig, reply=reply, tcp_state=t.state,
+                           status=status | int(CtStatus.SEEN_REPLY),
+                           old_tcp_state=int(TcpState.SYN_SENT), zone=t.zone, mark=t.mark,
+                           source="bpf"))
+    return out
+
+
+def tracked_flows(t: CttTracked) -> tuple[Flow, Flow]:
+    """A kept entry's original and reply tuples."""
+    return _flow(t.orig, t.l3num), _flow(t.reply, t.l3num)
+
+
+def _connect(conn: CttConnectEvent, ts: float) -> SockConnect:
+    return SockConnect(
+        ts=ts,
+        flow=Flow(
+            socket.inet_ntop(socket.AF_INET, bytes(conn.saddr_be)),
+            socket.ntohs(conn.sport_be),
+            socket.inet_ntop(socket.AF_INET, bytes(conn.daddr_be)),
+            socket.ntohs(conn.dport_be),
+        ),
+        pid=conn.pid,
+        comm=conn.comm.decode(errors="replace"),
+        cgroup_id=conn.cgroup_id,
+        netns_ino=conn.hdr.netns_ino,
+        sock_id=conn.sock_ptr,
+    )

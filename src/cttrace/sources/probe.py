@@ -66,6 +66,8 @@ class BpfFeatures:
     receive_reset_tracepoint: bool
     tracefs: Path | None
     """The tracefs mount, where kprobe_profile reports kretprobe misses."""
+    fentry_unavailable: str | None = "not probed"
+    """Why tcp_connect cannot be reached through a BPF trampoline (fentry); None: it can."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,7 @@ def check_bpf(headers: str | None = None, view: KernelView | None = None) -> Bpf
         send_reset_tracepoint=tracepoint_exists(view, tracefs, "tcp", "tcp_send_reset"),
         receive_reset_tracepoint=tracepoint_exists(view, tracefs, "tcp", "tcp_receive_reset"),
         tracefs=tracefs,
+        fentry_unavailable=fentry_unavailable(view),
     )
 
 
@@ -237,6 +240,29 @@ def missing_functions_reason(
         f"kernel functions cttrace probes are not traceable on {release}: "
         f"{', '.join(missing)} (not in {where}: inlined, renamed or marked notrace)"
     )
+
+
+#: Present when the kernel can attach BPF trampolines (what BCC's BPF.support_kfunc() checks).
+_TRAMPOLINE_SYMBOL = "bpf_trampoline_link_prog"
+
+
+def fentry_unavailable(view: KernelView) -> str | None:
+    """Why fentry (a BPF trampoline) cannot replace the kprobe on a vmlinux function; None: it can.
+
+    It needs the kernel's BTF (CONFIG_DEBUG_INFO_BTF: /sys/kernel/btf/vmlinux), trampolines
+    (x86-64, v5.5+) and the function in ftrace's list (checked with the kprobes).
+    """
+    if platform.machine() != "x86_64":
+        return f"BCC attaches BPF trampolines on x86-64 only, not {platform.machine()}"
+    if not view.path("sys/kernel/btf/vmlinux").is_file():
+        return "the kernel has no BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)"
+    try:
+        with view.path("proc/kallsyms").open() as kallsyms:
+            if not any(line.rstrip().endswith(f" {_TRAMPOLINE_SYMBOL}") for line in kallsyms):
+                return f"the kernel has no BPF trampolines ({_TRAMPOLINE_SYMBOL} not in kallsyms)"
+    except OSError as exc:
+        return f"cannot read /proc/kallsyms: {exc.strerror}"
+    return None
 
 
 def tracepoint_exists(view: KernelView, tracefs: Path | None, category: str, event: str) -> bool:

@@ -7,6 +7,7 @@ back to ctnetlink with one line saying exactly why.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from cttrace.errors import SourceError, UserError
 from cttrace.netns import netns_inode
@@ -21,6 +22,10 @@ class SourceKind(StrEnum):
     BPF = "bpf"
 
 
+if TYPE_CHECKING:
+    from cttrace.sources.bpf import BpfSettings
+
+
 KINDS = tuple(str(kind) for kind in SourceKind)
 
 
@@ -32,24 +37,29 @@ def _open_netlink(netns: str | None) -> Source:
     return src
 
 
-def _open_bpf(netns: str | None) -> Source:
+def _open_bpf(netns: str | None, settings: BpfSettings | None) -> Source:
     from cttrace.sources.bpf import BpfSource
 
-    src: Source = BpfSource(netns_ino=netns_inode(netns) if netns else None)
+    src: Source = BpfSource(netns_ino=netns_inode(netns) if netns else None, settings=settings)
     src.open()
     return src
 
 
-def open_source(kind: str, netns: str | None) -> tuple[Source, str | None]:
-    """Open and return ``(source, note)``; ``note`` says why ``auto`` fell back, else None."""
+def open_source(kind: str, netns: str | None,
+                bpf: BpfSettings | None = None) -> tuple[Source, str | None]:
+    """Open and return ``(source, note)``; ``note`` says why ``auto`` fell back, else None.
+
+    ``bpf``: how to build the bpf source (what it sends to userspace; see
+    :func:`cttrace.sources.bpf.settings_for_rules`).
+    """
     if kind == SourceKind.NETLINK:
         return _open_netlink(netns), None
     if kind == SourceKind.BPF:
-        return _open_bpf(netns), None
+        return _open_bpf(netns, bpf), None
     if kind != SourceKind.AUTO:
         raise UserError(f"unknown source {kind!r}: choose from {', '.join(KINDS)}")
     try:
-        return _open_bpf(netns), None
+        return _open_bpf(netns, bpf), None
     except SourceError as err:
         reason = str(err)
     except ImportError as err:  # bcc not installed
