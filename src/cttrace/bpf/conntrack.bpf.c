@@ -149,7 +149,6 @@ int ctt_confirm_enter(struct pt_regs *ctx, struct sk_buff *skb)
 /* What the kernel keeps of ev's entry, created now. */
 static __always_inline void ctt_track(struct ctt_tracked *t, const struct ctt_ct_event *ev)
 {
-	struct ctt_sock_key sock = {};
 	struct ctt_connect_event *creator;
 
 	t->created_ns = ev->created_ns;
@@ -162,11 +161,7 @@ static __always_inline void ctt_track(struct ctt_tracked *t, const struct ctt_ct
 	t->status = ev->status;
 	t->state = ev->tcp_state;
 	/* The socket whose SYN this is: tcp_connect ran just before (connect.bpf.c). */
-	__builtin_memcpy(&sock.saddr_be, ev->orig.saddr, 4);
-	__builtin_memcpy(&sock.daddr_be, ev->orig.daddr, 4);
-	sock.sport_be = ev->orig.sport_be;
-	sock.dport_be = ev->orig.dport_be;
-	creator = ctt_connects.lookup(&sock);
+	creator = ctt_connects.lookup(&ev->orig);
 	if (creator && ev->created_ns - creator->hdr.ts_ns <= CTT_INHERIT_NS)
 		t->creator = *creator;
 }
