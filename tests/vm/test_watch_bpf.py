@@ -92,7 +92,9 @@ def of_attempts(watch: SharedWatch, result: ScenarioResult) -> list[Line]:
 #: recycled-ip over each way a client reaches a Service: an IPv4 node, an IPv6 node
 #: (IPv6 conntrack entries, tcp_v6_connect sockets), and an IPv4 node whose client uses an
 #: AF_INET6 socket to ::ffff:<VIP> (the IPv4 entry its SYN creates must join that socket).
-#: Each has its own flow (addresses, or the client port).
+#: Each has its own flow (addresses, or the client port). The v4-mapped lab reuses the
+#: IPv4 lab's pod IPs: its dead pod's IP is still watched (for the syn_sent timeout), so
+#: its entry is reported at confirm, and the creating socket must go out with it.
 RECYCLED_IP = {
     "ipv4": {},
     "ipv6": {"family": "6"},

@@ -194,6 +194,10 @@ int ctt_confirm_return(struct pt_regs *ctx)
 	if (CTT_STREAM_ALL || ctt_is_watched(ev->reply.saddr)) {
 		tracked.reported = 1;
 		ctt_count(CTT_CNT_REPORTED);
+		/* Its creator's connect first, as ctt_report_entry does (--flows sent it already):
+		 * a later socket on the tuple is inherited-entry's "new" next to this "old". */
+		if (!CTT_STREAM_ALL && tracked.creator.hdr.kind)
+			ctt_emit(ctx, &tracked.creator, sizeof(tracked.creator));
 		ctt_emit(ctx, ev, sizeof(*ev));
 	}
 	ctt_tracked.update(&ct_ptr, &tracked);
