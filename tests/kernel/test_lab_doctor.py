@@ -8,6 +8,8 @@ scenario right after the scenario showed the failure with real packets:
   ``br-netfilter`` fails with its exact fix, as does the SYN_SENT timeout
   against a 30 s IP cooldown; running the printed fixes makes every check pass
   and the very same client connection through the Service then works.
+- the same over IPv6 (an IPv6 node: bridge-nf-call-ip6tables=0): ``br-netfilter``
+  fails with the ip6tables sysctl, and its fix makes the connection work.
 - the same layout configured well (bridge-nf-call-iptables=1, a CNI cooldown
   above the SYN_SENT timeout): every check passes, exit 0.
 - ``snat-race`` (MASQUERADE without --random-fully, SYNs dropped on insert):
@@ -25,6 +27,7 @@ from typing import Any
 import orjson
 import pytest
 
+from cttrace.lab.addressing import Family
 from cttrace.lab.node import Lab
 from cttrace.lab.results import ScenarioResult
 from cttrace.lab.scenarios import get_scenario
@@ -35,18 +38,25 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 SYN_SENT = "net.netfilter.nf_conntrack_tcp_timeout_syn_sent"
 BRNF = "net.bridge.bridge-nf-call-iptables"
+BRNF6 = "net.bridge.bridge-nf-call-ip6tables"
 VERDICTS = {"pass", "fail", "warn", "info", "error"}
 
 
-def run_lab(name: str, **options: Any) -> Iterator[tuple[Lab, ScenarioResult]]:
+def run_lab(name: str, family: Family = Family.V4,
+            **options: Any) -> Iterator[tuple[Lab, ScenarioResult]]:
     scenario = get_scenario(name)
-    with Lab(layout=scenario.layout) as lab:
+    with Lab(layout=scenario.layout, family=family) as lab:
         yield lab, scenario.run(lab, **options)
 
 
 @pytest.fixture
 def brnf_off() -> Iterator[tuple[Lab, ScenarioResult]]:
     yield from run_lab("bridge-no-brnf", brnf=False)
+
+
+@pytest.fixture
+def brnf_off_v6() -> Iterator[tuple[Lab, ScenarioResult]]:
+    yield from run_lab("bridge-no-brnf", Family.V6, brnf=False)
 
 
 @pytest.fixture
@@ -125,6 +135,29 @@ def test_bridge_no_brnf_node_fails_br_netfilter_and_its_fixes_heal_it(
     again = lab.connect(client, lab.services[0], sport=result.flow.sport + 100)
     assert again.outcome == "answered"
     assert again.answered_by == f"{result.old_pod.namespace}/{result.old_pod.name}"
+
+
+def test_ipv6_bridge_node_without_brnf_fails_on_ip6tables_and_its_fix_heals_it(
+    brnf_off_v6: tuple[Lab, ScenarioResult],
+) -> None:
+    lab, result = brnf_off_v6
+    assert result.attempts[0].outcome != "answered"
+    ns = lab.node_netns
+
+    code, _, checks = doctor(ns, "--ip-cooldown", "150", "--sample-seconds", "0.2")
+    assert code == 1 and failing(checks) == {"br-netfilter"}
+    brnf = checks["br-netfilter"]
+    assert brnf["observed"]["ipv6_bridges"] == [lab.names.bridge]
+    assert brnf["observed"]["bridge-nf-call-ip6tables"] == "0"
+    assert brnf["fix"] == f"ip netns exec {ns} sysctl -w {BRNF6}=1"
+    assert "bypass ip6tables" in brnf["summary"]
+
+    subprocess.run(["sh", "-c", brnf["fix"]], check=True, capture_output=True)
+    code, _, checks = doctor(ns, "--ip-cooldown", "150", "--sample-seconds", "0.2")
+    assert code == 0, failing(checks)
+    client = next(p for p in lab.pods.values() if p.ref == result.client)
+    again = lab.connect(client, lab.services[0], sport=result.flow.sport + 100)
+    assert again.outcome == "answered"
 
 
 def test_well_configured_bridge_node_passes(brnf_on: tuple[Lab, ScenarioResult]) -> None:

@@ -184,22 +184,31 @@ def test_short_and_unknown_records_are_refused() -> None:
         decode(unknown)
 
 
-def _tracked(replied_ns: int, state: int, creator_pid: int = 0) -> CttTracked:
+#: (client, VIP, pod) per family, as the kernel's tuples hold them.
+_ADDRS = {
+    socket.AF_INET: ("10.0.0.2", "10.96.0.10", "10.244.0.7"),
+    socket.AF_INET6: ("fd00:10::2", "fd00:96::10", "fd00:244::7"),
+}
+
+
+def _set_flow(flow: CttFlow, src: str, sport: int, dst: str, dport: int) -> None:
+    flow.saddr[:], flow.daddr[:] = bpf_layout.addr_key(src), bpf_layout.addr_key(dst)
+    flow.sport_be, flow.dport_be = socket.htons(sport), socket.htons(dport)
+
+
+def _tracked(replied_ns: int, state: int, creator_pid: int = 0,
+             family: int = socket.AF_INET) -> CttTracked:
+    client, vip, pod = _ADDRS[family]
     t = CttTracked()
-    t.created_ns, t.replied_ns, t.state, t.l3num = 10_000_000_000, replied_ns, state, socket.AF_INET
+    t.created_ns, t.replied_ns, t.state, t.l3num = 10_000_000_000, replied_ns, state, family
     t.status = int(CtStatus.CONFIRMED | CtStatus.DST_NAT | CtStatus.SEEN_REPLY)
-    t.orig.saddr[:4] = socket.inet_aton("10.0.0.2")
-    t.orig.daddr[:4] = socket.inet_aton("10.96.0.10")
-    t.orig.sport_be, t.orig.dport_be = socket.htons(40000), socket.htons(80)
-    t.reply.saddr[:4] = socket.inet_aton("10.244.0.7")
-    t.reply.daddr[:4] = socket.inet_aton("10.0.0.2")
-    t.reply.sport_be, t.reply.dport_be = socket.htons(8080), socket.htons(40000)
+    _set_flow(t.orig, client, 40000, vip, 80)
+    _set_flow(t.reply, pod, 8080, client, 40000)
     if creator_pid:
         t.creator.hdr.kind, t.creator.hdr.ts_ns = bpf_layout.EV_CONNECT, 9_999_000_000
         t.creator.pid, t.creator.sock_ptr = creator_pid, 0xFFFF888000001000
-        t.creator.saddr_be[:] = socket.inet_aton("10.0.0.2")
-        t.creator.daddr_be[:] = socket.inet_aton("10.96.0.10")
-        t.creator.sport_be, t.creator.dport_be = socket.htons(40000), socket.htons(80)
+        t.creator.family = family
+        _set_flow(t.creator.flow, client, 40000, vip, 80)
     return t
 
 
@@ -218,6 +227,32 @@ def test_a_kept_entry_replays_as_the_records_it_would_have_sent() -> None:
     assert (reply.old_tcp_state, reply.tcp_state) == (1, 3)  # SYN_SENT -> ESTABLISHED
     assert reply.ts == pytest.approx(1010.05) and reply.status & CtStatus.SEEN_REPLY
     assert new.entry_id == reply.entry_id == 0xFFFF888012345600
+
+
+def test_an_ipv6_kept_entry_replays_with_ipv6_tuples_and_socket() -> None:
+    """IPv6 entries (l3num AF_INET6) and IPv6 sockets (family AF_INET6) carry all 16 bytes
+    of their addresses; the socket's flow is the entry's original tuple."""
+    connect, new, reply = tracked_events(1, _tracked(10_050_000_000, 3, creator_pid=42,
+                                                     family=socket.AF_INET6))
+    assert isinstance(connect, SockConnect)
+    assert connect.flow == Flow("fd00:10::2", 40000, "fd00:96::10", 80)
+    assert isinstance(new, CtEvent) and isinstance(reply, CtEvent)
+    assert new.orig == connect.flow == reply.orig
+    assert new.reply == Flow("fd00:244::7", 8080, "fd00:10::2", 40000)
+    assert new.target == ("fd00:244::7", 8080)
+
+
+def test_a_connect_record_decodes_by_its_family() -> None:
+    """The same record layout carries an IPv4 socket (first 4 bytes) and an IPv6 one."""
+    for family, (client, vip, _) in _ADDRS.items():
+        record = CttConnectEvent()
+        record.hdr.kind, record.family, record.pid = bpf_layout.EV_CONNECT, family, 7
+        record.comm = b"curl"
+        _set_flow(record.flow, client, 40001, vip, 443)
+        event = decode(bytes(record))
+        assert isinstance(event, SockConnect)
+        assert event.flow == Flow(client, 40001, vip, 443)
+        assert (event.pid, event.comm) == (7, "curl")
 
 
 def test_an_unanswered_kept_entry_replays_as_new_only() -> None:

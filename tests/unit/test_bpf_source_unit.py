@@ -258,6 +258,26 @@ def test_detach_and_attach_again_without_compiling(
     assert not fake.cleaned
 
 
+def test_ipv6_resets_are_probed_beside_ipv4_where_the_kernel_allows(
+    opened: tuple[BpfSource, FakeBpf, Path],
+) -> None:
+    """A client answering an un-reverse-NATed IPv6 SYN-ACK resets it through
+    tcp_v6_send_reset; it is probed with tcp_v4_send_reset when it is traceable."""
+    source, fake, _ = opened
+    source._settings = BpfSettings(fentry=False)
+    source._features = replace(source._features, send_reset6_kprobe=True)  # type: ignore[type-var]
+    source._attach(source._settings)
+    assert b"p_tcp_v4_send_reset" in fake.kprobe_fds
+    assert b"p_tcp_v6_send_reset" in fake.kprobe_fds
+    assert source.hooks()["tcp_v6_send_reset"][0] == "kprobe"
+    source.detach()
+    source._features = replace(source._features, send_reset6_kprobe=False)  # type: ignore[type-var]
+    source._attach(source._settings)
+    assert b"p_tcp_v4_send_reset" in fake.kprobe_fds
+    assert b"p_tcp_v6_send_reset" not in fake.kprobe_fds
+    assert "tcp_v6_send_reset" not in source.hooks()
+
+
 def test_tcp_connect_through_fentry_detaches_and_attaches_again(
     opened: tuple[BpfSource, FakeBpf, Path],
 ) -> None:

@@ -208,6 +208,62 @@ def test_br_netfilter_not_loaded_fails_with_modprobe_first() -> None:
     assert "not loaded" in result.summary
 
 
+# `ip -j -6 addr show scope global` on a dual-stack bridge node (iproute2 6.1's format, trimmed).
+IPV6_ADDRS = (
+    '[{"ifindex": 2, "ifname": "cni0", "flags": ["BROADCAST", "UP"], "addr_info": ['
+    '{"family": "inet6", "local": "fd00:2::1", "prefixlen": 64, "scope": "global"}]},'
+    ' {"ifindex": 3, "ifname": "eth0", "addr_info": ['
+    '{"family": "inet6", "local": "2001:db8::5", "prefixlen": 64, "scope": "global"}]}]'
+)
+
+
+def test_an_ipv6_bridge_needs_bridge_nf_call_ip6tables_too() -> None:
+    """IPv6 Services DNAT through ip6tables: a bridge carrying IPv6 needs its frames there."""
+    sysctls = dict(HEALTHY_SYSCTLS, **{BRNF_IP6TABLES: "0"})
+    reader = FakeReader(netns="ctl-dr1", sysctls=sysctls, bridges={"cni0": ["veth1"]},
+                        commands={"ip": ok(IPV6_ADDRS)})
+    result = check_br_netfilter(reader)
+    assert result.verdict is Verdict.FAIL
+    assert result.fix == "ip netns exec ctl-dr1 sysctl -w net.bridge.bridge-nf-call-ip6tables=1"
+    assert result.summary.startswith("bridge-nf-call-ip6tables is 0: packets bridged between "
+                                     "ports of cni0 bypass ip6tables")
+    assert result.observed["ipv6_bridges"] == ["cni0"]  # eth0 is no bridge
+    assert ("ip", "-j", "-6", "addr", "show", "scope", "global") in reader.ran
+
+    both_off = dict(sysctls, **{BRNF_IPTABLES: "0"})
+    result = check_br_netfilter(FakeReader(netns="ctl-dr1", sysctls=both_off,
+                                           bridges={"cni0": ["veth1"]},
+                                           commands={"ip": ok(IPV6_ADDRS)}))
+    assert result.fix == ("ip netns exec ctl-dr1 sysctl -w net.bridge.bridge-nf-call-iptables=1\n"
+                          "ip netns exec ctl-dr1 sysctl -w net.bridge.bridge-nf-call-ip6tables=1")
+
+    healthy = check_br_netfilter(FakeReader(bridges={"cni0": ["veth1"]},
+                                            commands={"ip": ok(IPV6_ADDRS)}))
+    assert healthy.verdict is Verdict.PASS
+    assert healthy.summary == "bridged traffic on cni0 goes through iptables and ip6tables"
+
+
+def test_an_ipv4_only_bridge_ignores_bridge_nf_call_ip6tables() -> None:
+    sysctls = dict(HEALTHY_SYSCTLS, **{BRNF_IP6TABLES: "0"})
+    ipv4_only = ok('[{"ifindex": 3, "ifname": "eth0", "addr_info": ['
+                   '{"family": "inet6", "local": "2001:db8::5", "scope": "global"}]}]')
+    result = check_br_netfilter(FakeReader(sysctls=sysctls, bridges={"cni0": ["veth1"]},
+                                           commands={"ip": ipv4_only}))
+    assert result.verdict is Verdict.PASS
+    assert result.observed["ipv6_bridges"] == []
+
+
+def test_br_netfilter_not_loaded_on_an_ipv6_bridge_fixes_both_sysctls() -> None:
+    sysctls = {k: v for k, v in HEALTHY_SYSCTLS.items() if not k.startswith("net.bridge.")}
+    result = check_br_netfilter(FakeReader(sysctls=sysctls, bridges={"cni0": ["veth1"]},
+                                           commands={"ip": ok(IPV6_ADDRS)}))
+    assert result.verdict is Verdict.FAIL
+    assert result.fix == ("modprobe br_netfilter\n"
+                          "sysctl -w net.bridge.bridge-nf-call-iptables=1\n"
+                          "sysctl -w net.bridge.bridge-nf-call-ip6tables=1")
+    assert "bypass iptables and ip6tables" in result.summary
+
+
 def test_bridge_with_ports_and_brnf_on_passes() -> None:
     result = check_br_netfilter(FakeReader(bridges={"cni0": ["veth1"]}))
     assert result.verdict is Verdict.PASS

@@ -41,10 +41,11 @@ def server_port() -> Iterator[int]:
         proc.wait()
 
 
-def _client(port: int, sport: int, commands: str = "") -> list[dict[str, Any]]:
+def _client(port: int, sport: int, commands: str = "", *extra: str) -> list[dict[str, Any]]:
     out = subprocess.run(
         [sys.executable, "-m", "cttrace.lab.podclient", "--src", "127.0.0.1", "--sport",
-         str(sport), "--dst", "127.0.0.1", "--dport", str(port), "--connect-timeout", "2"],
+         str(sport), "--dst", "127.0.0.1", "--dport", str(port), "--connect-timeout", "2",
+         *extra],
         input=commands.encode(), capture_output=True, check=True, timeout=30,
     ).stdout
     return [orjson.loads(line) for line in out.splitlines()]
@@ -57,6 +58,18 @@ def test_the_client_reads_the_pods_identity_then_its_lines_come_back(server_port
     assert connect["started"] <= connect["ended"]
     assert (send["outcome"], send["echo"]) == ("echoed", "order 1")
     assert close["event"] == "close"
+
+
+def test_a_v4_mapped_client_reaches_an_ipv4_server_from_an_ipv6_socket(
+    server_port: int,
+) -> None:
+    """--v4-mapped: an AF_INET6 socket bound to ::ffff:SRC, as a dual-stack program is;
+    the IPv4 server answers it (the kernel speaks IPv4 for it)."""
+    connect, _ = _client(server_port, _free_port(), "", "--v4-mapped")
+    assert connect["outcome"] == "answered" and connect["line"] == IDENTITY
+    assert connect["local"] == "::ffff:127.0.0.1"
+    (plain, _) = _client(server_port, _free_port())
+    assert plain["local"] == "127.0.0.1"
 
 
 def test_end_of_input_closes_a_one_shot_connection(server_port: int) -> None:

@@ -81,9 +81,10 @@ def test_programs_load_and_attach(bpf: BpfSource, topology: Topology) -> None:
     source = bpf
     assert source.settings is not None
     # Settled by probing the kernel: 6.1 has BPF ring buffers (5.8+) and a
-    # probeable tcp_v4_send_reset.
+    # probeable tcp_v4_send_reset, and tcp_v6_send_reset beside it (IPv6 built in).
     assert source.settings.ringbuf
     assert source.settings.send_reset == "kprobe"
+    assert source.hooks()["tcp_v6_send_reset"][0] == "kprobe"
     assert source.settings.netns_ino == topology.netns_ino(topology.node_ns)
     stats = source.stats()
     assert stats.lost == 0

@@ -149,7 +149,6 @@ int ctt_confirm_enter(struct pt_regs *ctx, struct sk_buff *skb)
 /* What the kernel keeps of ev's entry, created now. */
 static __always_inline void ctt_track(struct ctt_tracked *t, const struct ctt_ct_event *ev)
 {
-	struct ctt_sock_key sock = {};
 	struct ctt_connect_event *creator;
 
 	t->created_ns = ev->created_ns;
@@ -162,11 +161,7 @@ static __always_inline void ctt_track(struct ctt_tracked *t, const struct ctt_ct
 	t->status = ev->status;
 	t->state = ev->tcp_state;
 	/* The socket whose SYN this is: tcp_connect ran just before (connect.bpf.c). */
-	__builtin_memcpy(&sock.saddr_be, ev->orig.saddr, 4);
-	__builtin_memcpy(&sock.daddr_be, ev->orig.daddr, 4);
-	sock.sport_be = ev->orig.sport_be;
-	sock.dport_be = ev->orig.dport_be;
-	creator = ctt_connects.lookup(&sock);
+	creator = ctt_connects.lookup(&ev->orig);
 	if (creator && ev->created_ns - creator->hdr.ts_ns <= CTT_INHERIT_NS)
 		t->creator = *creator;
 }
@@ -199,6 +194,10 @@ int ctt_confirm_return(struct pt_regs *ctx)
 	if (CTT_STREAM_ALL || ctt_is_watched(ev->reply.saddr)) {
 		tracked.reported = 1;
 		ctt_count(CTT_CNT_REPORTED);
+		/* Its creator's connect first, as ctt_report_entry does (--flows sent it already):
+		 * a later socket on the tuple is inherited-entry's "new" next to this "old". */
+		if (!CTT_STREAM_ALL && tracked.creator.hdr.kind)
+			ctt_emit(ctx, &tracked.creator, sizeof(tracked.creator));
 		ctt_emit(ctx, ev, sizeof(*ev));
 	}
 	ctt_tracked.update(&ct_ptr, &tracked);

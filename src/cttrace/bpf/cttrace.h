@@ -38,7 +38,13 @@
 #define CTT_CNT_QUIET         9 /* connects and resets kept in the kernel: no rule needs them */
 #define CTT_NR_COUNTERS       10
 
-/* One direction of a conntrack tuple, or a socket's 4-tuple. */
+/*
+ * One direction of a conntrack tuple, or a socket's 4-tuple (and as such the
+ * key of ctt_connects).  An IPv4 address fills the first 4 bytes and the rest
+ * is zero, as in the kernel's tuples (nf_ct_get_tuple and nf_ct_invert_tuple
+ * memset the tuple before filling it), so equal flows of either family are
+ * equal bytes.
+ */
 struct ctt_flow {
 	__u8 saddr[16];  /* union nf_inet_addr: IPv4 in the first 4 bytes */
 	__u8 daddr[16];
@@ -73,13 +79,13 @@ struct ctt_connect_event {
 	__u64 cgroup_id;        /* bpf_get_current_cgroup_id() of the connecting task */
 	__u32 pid;              /* tgid */
 	__u32 tid;
-	__u32 saddr_be;         /* sk->__sk_common.skc_rcv_saddr */
-	__u32 daddr_be;         /* skc_daddr */
-	__u16 sport_be;         /* skc_num, converted to network order */
-	__u16 dport_be;         /* skc_dport */
-	__u32 _pad;
+	struct ctt_flow flow;   /* saddr: skc_rcv_saddr or skc_v6_rcv_saddr; daddr: skc_daddr
+				 * or skc_v6_daddr; sport: skc_num in network order; dport:
+				 * skc_dport.  A v4-mapped AF_INET6 socket is given as IPv4. */
+	__u16 family;           /* AF_INET or AF_INET6: the family of the entry its SYN creates */
+	__u16 _pad;
 	char comm[16];
-};                               /* 72 bytes */
+};                               /* 96 bytes */
 
 struct ctt_reset_event {
 	struct ctt_header hdr;
@@ -109,7 +115,7 @@ struct ctt_tracked {
 	__u8 reported;          /* userspace holds this entry: its changes and delete go out */
 	__u8 _pad[6];
 	struct ctt_connect_event creator;  /* hdr.kind 0: no local connect() seen creating it */
-};                               /* 184 bytes */
+};                               /* 208 bytes */
 
 /* The client side of an entry (its original source), for joins by address and port. */
 struct ctt_client_key {
@@ -117,14 +123,6 @@ struct ctt_client_key {
 	__u16 port_be;
 	__u16 _pad;
 };                               /* 20 bytes */
-
-/* A socket's IPv4 4-tuple: the key of the connects remembered in the kernel. */
-struct ctt_sock_key {
-	__u32 saddr_be;
-	__u32 daddr_be;
-	__u16 sport_be;
-	__u16 dport_be;
-};                               /* 12 bytes */
 
 /* A watched DNAT target: union nf_inet_addr's 16 bytes, IPv4 in the first 4. */
 struct ctt_addr {

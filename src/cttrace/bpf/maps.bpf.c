@@ -16,6 +16,7 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/skbuff.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/tcp.h>
 #include <linux/netfilter.h>
 #include <net/sock.h>
@@ -82,9 +83,10 @@ BPF_TABLE("lru_hash", __u64, struct ctt_tracked, ctt_tracked, CTT_TRACKED_MAX);
  * Removed at the first reply and at delete. */
 BPF_TABLE("lru_hash", struct ctt_client_key, __u64, ctt_unreplied, CTT_TRACKED_MAX);
 
-/* The last connect() per socket 4-tuple, until confirm copies it into the
+/* The last connect() per socket 4-tuple (ctt_connect_event.flow, which is the
+ * original tuple of the entry its SYN creates), until confirm copies it into the
  * entry it created (tcp_connect runs before the SYN reaches conntrack). */
-BPF_TABLE("lru_hash", struct ctt_sock_key, struct ctt_connect_event, ctt_connects,
+BPF_TABLE("lru_hash", struct ctt_flow, struct ctt_connect_event, ctt_connects,
 	  CTT_CONNECTS_MAX);
 
 /* DNAT targets userspace watches (their owner died, changed, or left its

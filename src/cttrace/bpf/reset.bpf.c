@@ -3,6 +3,7 @@
  * reset.bpf.c: TCP resets sent and received by this host.
  *
  *   tcp_v4_send_reset (kprobe), or tcp:tcp_send_reset    -> CTT_EV_RESET, sent=1
+ *   tcp_v6_send_reset (kprobe, with the IPv4 one)        -> CTT_EV_RESET, sent=1
  *   tcp:tcp_receive_reset (with CTT_STREAM_ALL only)     -> CTT_EV_RESET, sent=0
  *
  * A sent reset leaves the kernel only when it is evidence for a rule: the
@@ -17,11 +18,17 @@
  * "trace: tcp: fully support trace_tcp_send_reset") the tcp_send_reset
  * tracepoint requires a socket and never sees that case, so the kprobe is
  * preferred whenever tcp_v4_send_reset can be probed; userspace decides.
+ * IPv6 has the same case (a Service's SYN-ACK from the pod's IPv6 address,
+ * bridge-nf-call-ip6tables=0) answered by tcp_v6_send_reset(NULL, skb)
+ * (net/ipv6/tcp_ipv6.c), probed beside it when it can be; with the tracepoint
+ * instead, socketless IPv6 resets are not seen either, as for IPv4.  A
+ * v4-mapped socket's segments are IPv4 packets: tcp_v4_send_reset answers them.
  *
  * Debian 6.1 and 6.12 (the VM tier's kernels) differ here.  tcp_v4_send_reset
  * is a local (static) text symbol of net/ipv4/tcp_ipv4.c in both, traceable in
  * both; since v6.10 it takes a third argument, enum sk_rst_reason reason,
- * which the kprobe does not read (its first two are unchanged).  The
+ * which the kprobe does not read (its first two are unchanged); the same holds
+ * for tcp_v6_send_reset (net/ipv6/tcp_ipv6.c, built in: CONFIG_IPV6=y).  The
  * tcp:tcp_send_reset tracepoint is a DEFINE_EVENT of class tcp_event_sk_skb
  * on 6.1 (fields skaddr, family, sport, dport, saddr_v6, daddr_v6, ...) but a
  * TRACE_EVENT of its own on 6.12 (skbaddr, skaddr, state, reason, saddr and
@@ -39,12 +46,6 @@
 #define CTT_RECEIVE_RESET_TRACEPOINT 1
 #endif
 
-/*
- * void tcp_v4_send_reset(const struct sock *sk, struct sk_buff *skb, ...)
- * skb is the segment being answered; the RST goes back to its source.
- * The kernel still returns without sending for a RST or a non-local
- * destination: this records the attempt.
- */
 static __always_inline void ctt_reset_out(void *ctx, const struct ctt_reset_event *ev)
 {
 	struct ctt_client_key client = {};
@@ -68,23 +69,42 @@ static __always_inline void ctt_reset_out(void *ctx, const struct ctt_reset_even
 	ctt_emit(ctx, (void *)ev, sizeof(*ev));
 }
 
+/*
+ * void tcp_v4_send_reset(const struct sock *sk, struct sk_buff *skb, ...)
+ * void tcp_v6_send_reset(const struct sock *sk, struct sk_buff *skb, ...)
+ * skb is the segment being answered (its network header an iphdr or an
+ * ipv6hdr, per family); the RST goes back to its source.
+ * The kernel still returns without sending for a RST or a non-local
+ * destination: this records the attempt.
+ */
 static __always_inline int ctt_on_send_reset(void *ctx, const struct sock *sk,
-					     struct sk_buff *skb)
+					     struct sk_buff *skb, __u16 family)
 {
 	struct ctt_reset_event ev = {};
 	unsigned char *head = NULL;
 	__u16 network_off = 0, transport_off = 0;
 	struct net_device *dev = NULL;
-	struct iphdr iph = {};
 	struct tcphdr th = {};
 
 	CTT_READ(head, skb, struct sk_buff, head);
 	CTT_READ(network_off, skb, struct sk_buff, network_header);
 	CTT_READ(transport_off, skb, struct sk_buff, transport_header);
-	bpf_probe_read_kernel(&iph, sizeof(iph), head + network_off);
 	bpf_probe_read_kernel(&th, sizeof(th), head + transport_off);
 	if (th.rst)
 		return 0;  /* never answered */
+	if (family == AF_INET6) {
+		struct ipv6hdr ip6h = {};
+
+		bpf_probe_read_kernel(&ip6h, sizeof(ip6h), head + network_off);
+		__builtin_memcpy(ev.flow.saddr, &ip6h.daddr, sizeof(ip6h.daddr));
+		__builtin_memcpy(ev.flow.daddr, &ip6h.saddr, sizeof(ip6h.saddr));
+	} else {
+		struct iphdr iph = {};
+
+		bpf_probe_read_kernel(&iph, sizeof(iph), head + network_off);
+		__builtin_memcpy(ev.flow.saddr, &iph.daddr, sizeof(iph.daddr));
+		__builtin_memcpy(ev.flow.daddr, &iph.saddr, sizeof(iph.saddr));
+	}
 
 	ev.hdr.ts_ns = bpf_ktime_get_ns();
 	ev.hdr.kind = CTT_EV_RESET;
@@ -101,21 +121,24 @@ static __always_inline int ctt_on_send_reset(void *ctx, const struct sock *sk,
 #endif
 	}
 	ev.sock_ptr = (__u64)sk;
-	ev.family = AF_INET;
+	ev.family = family;
 	ev.sent = 1;
-	__builtin_memcpy(ev.flow.saddr, &iph.daddr, sizeof(iph.daddr));
-	__builtin_memcpy(ev.flow.daddr, &iph.saddr, sizeof(iph.saddr));
 	ev.flow.sport_be = th.dest;
 	ev.flow.dport_be = th.source;
 	ctt_reset_out(ctx, &ev);
 	return 0;
 }
 
-/* A kprobe: tcp_v4_send_reset is static (reached through BTF only where it was
- * not inlined), and resets are rare next to packets. */
+/* Kprobes: tcp_v4_send_reset and tcp_v6_send_reset are static (reached through
+ * BTF only where they were not inlined), and resets are rare next to packets. */
 int ctt_send_reset_enter(struct pt_regs *ctx, const struct sock *sk, struct sk_buff *skb)
 {
-	return ctt_on_send_reset(ctx, sk, skb);
+	return ctt_on_send_reset(ctx, sk, skb, AF_INET);
+}
+
+int ctt_send_reset6_enter(struct pt_regs *ctx, const struct sock *sk, struct sk_buff *skb)
+{
+	return ctt_on_send_reset(ctx, sk, skb, AF_INET6);
 }
 
 /*

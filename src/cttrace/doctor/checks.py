@@ -30,7 +30,7 @@ from cttrace.doctor.natrules import (
     parse_iptables_save,
     parse_nft_ruleset,
 )
-from cttrace.doctor.readers import NodeReader, ReadError
+from cttrace.doctor.readers import NodeReader, ReadError, parse_ipv6_links
 
 SYN_SENT = "net.netfilter.nf_conntrack_tcp_timeout_syn_sent"
 BRNF_IPTABLES = "net.bridge.bridge-nf-call-iptables"
@@ -148,44 +148,70 @@ def check_syn_sent_vs_ip_cooldown(reader: NodeReader, cooldown: IpCooldown) -> C
     )
 
 
+def _ipv6_bridges(reader: NodeReader, bridges: dict[str, list[str]]) -> list[str] | None:
+    """The bridges (of ``bridges``) that carry a global IPv6 address, the pods' IPv6
+    gateway; None when the addresses cannot be read."""
+    out = reader.run(("ip", "-j", "-6", "addr", "show", "scope", "global"))
+    if out is None or out.returncode != 0:
+        return None
+    try:
+        return sorted(parse_ipv6_links(out.stdout) & bridges.keys())
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
 def check_br_netfilter(reader: NodeReader) -> CheckResult:
-    """Traffic bridged between pod ports must go through iptables, or replies are not un-DNATed."""
+    """Traffic bridged between pod ports must go through iptables (and ip6tables where the
+    bridge carries IPv6), or replies are not un-DNATed."""
     cid = "br-netfilter"
     bridges = {name: ports for name, ports in reader.bridge_ports().items() if ports}
     if not bridges:
         return CheckResult(cid, Verdict.PASS, "no bridge has ports here", {"bridges": {}})
     call_iptables = reader.sysctl(BRNF_IPTABLES)
+    call_ip6tables = reader.sysctl(BRNF_IP6TABLES)
+    ipv6_bridges = _ipv6_bridges(reader, bridges)
     observed: dict[str, object] = {
         "bridges": bridges,
         "bridge-nf-call-iptables": call_iptables,
-        "bridge-nf-call-ip6tables": reader.sysctl(BRNF_IP6TABLES),
+        "bridge-nf-call-ip6tables": call_ip6tables,
+        "ipv6_bridges": ipv6_bridges,
     }
     names = ", ".join(sorted(bridges))
-    # A bridged frame reaches the IPv4 netfilter hooks only through
-    # br_netfilter (br_nf_pre_routing), gated per namespace by this sysctl.
+    # A bridged frame reaches the IPv4 (IPv6) netfilter hooks only through br_netfilter
+    # (br_nf_pre_routing, br_nf_pre_routing_ipv6), gated per namespace by these sysctls.
     consequence = (
-        f"packets bridged between ports of {names} bypass iptables, so a pod's reply to a "
-        "same-node client is not reverse-NATed and the client resets it (unnated-reply)"
+        "a pod's reply to a same-node client is not reverse-NATed and the client resets it "
+        "(unnated-reply)"
     )
     fixes = _Fixes(reader.netns)
+    # IPv6 matters where a bridge with ports carries IPv6 (dual-stack or IPv6 pods).
+    wanted = [(BRNF_IPTABLES, call_iptables, "iptables", names)]
+    if ipv6_bridges:
+        wanted.append((BRNF_IP6TABLES, call_ip6tables, "ip6tables", ", ".join(ipv6_bridges)))
     if call_iptables is None:
+        lines = ["modprobe br_netfilter", *(fixes.sysctl(name, 1) for name, *_ in wanted)]
         return CheckResult(
             cid,
             Verdict.FAIL,
-            f"br_netfilter is not loaded: {consequence}",
+            f"br_netfilter is not loaded: packets bridged between ports of {names} bypass "
+            f"{' and '.join(tables for _, _, tables, _ in wanted)}, so {consequence}",
             observed,
-            "\n".join(["modprobe br_netfilter", fixes.sysctl(BRNF_IPTABLES, 1)]),
+            "\n".join(lines),
         )
-    if call_iptables != "1":
+    off = [(name, value, tables, on) for name, value, tables, on in wanted if value != "1"]
+    if off:
         return CheckResult(
             cid,
             Verdict.FAIL,
-            f"bridge-nf-call-iptables is {call_iptables}: {consequence}",
+            "; ".join(f"bridge-nf-call-{tables} is {value}: packets bridged between ports "
+                      f"of {on} bypass {tables}" for _, value, tables, on in off)
+            + f", so {consequence}",
             observed,
-            fixes.sysctl(BRNF_IPTABLES, 1),
+            "\n".join(fixes.sysctl(name, 1) for name, *_ in off),
         )
+    tables = " and ".join(tables for _, _, tables, _ in wanted)
     return CheckResult(
-        cid, Verdict.PASS, f"bridged traffic on {names} goes through iptables", observed
+        cid, Verdict.PASS, f"bridged traffic on {names} goes through {tables}", observed
     )
 
 

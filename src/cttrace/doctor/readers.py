@@ -92,6 +92,17 @@ def parse_ip_links(text: str) -> dict[str, list[str]]:
     return bridges
 
 
+def parse_ipv6_links(text: str) -> set[str]:
+    """Interfaces with a global IPv6 address, from ``ip -j -6 addr show scope global``
+    output (unique-local fd00::/8 addresses are scope global too)."""
+    links = orjson.loads(text)
+    if not isinstance(links, list):
+        raise ValueError("ip -j addr output is not a list")
+    return {link["ifname"] for link in links
+            if any(a.get("family") == "inet6" and a.get("scope") == "global"
+                   for a in link.get("addr_info", []))}
+
+
 def _read_sysctl(name: str) -> str | None:
     path = "/proc/sys/" + name.replace(".", "/")
     try:

@@ -422,19 +422,22 @@ class Lab:
     # -- clients ---------------------------------------------------------------------------------
 
     def open_session(self, client: LabPod, svc: LabService, *, sport: int,
-                     connect_timeout: float = 1.5, reply_timeout: float = 1.0) -> ClientSession:
-        """Connect from ``client`` (bound to ``sport``) to the Service VIP; see ClientSession."""
+                     connect_timeout: float = 1.5, reply_timeout: float = 1.0,
+                     v4_mapped: bool = False) -> ClientSession:
+        """Connect from ``client`` (bound to ``sport``) to the Service VIP; see ClientSession.
+        ``v4_mapped``: through an AF_INET6 socket to ``::ffff:<IPv4 VIP>``."""
         self.check_running()
         return ClientSession(
             client.netns, src=client.ip, sport=sport, dst=svc.vip, dport=svc.port,
             connect_timeout=connect_timeout, reply_timeout=reply_timeout,
-            log=self.state_dir / "logs" / f"client-{client.name}.log",
+            log=self.state_dir / "logs" / f"client-{client.name}.log", v4_mapped=v4_mapped,
         )
 
     def connect(self, client: LabPod, svc: LabService, *, sport: int,
-                connect_timeout: float = 1.5) -> Attempt:
+                connect_timeout: float = 1.5, v4_mapped: bool = False) -> Attempt:
         """One short connection: connect, read the greeting, close."""
-        session = self.open_session(client, svc, sport=sport, connect_timeout=connect_timeout)
+        session = self.open_session(client, svc, sport=sport, connect_timeout=connect_timeout,
+                                    v4_mapped=v4_mapped)
         session.close()
         return Attempt.from_report(sport, session.pid, session.greeting)
 

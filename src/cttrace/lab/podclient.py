@@ -8,7 +8,9 @@ Run by the lab inside the client pod's network namespace::
 The socket binds ``(src, sport)`` with SO_REUSEADDR, as pooled HTTP clients and
 retry loops effectively do when they land on the same ephemeral port again,
 connects with a short timeout, and reads the server's first line (the pod's
-identity). The first stdout line is the outcome::
+identity); with ``--v4-mapped`` the IPv4 addresses go through an AF_INET6 socket
+as ``::ffff:a.b.c.d``, which the kernel sends as IPv4. The first stdout line is
+the outcome::
 
     {"event": "connect", "outcome": "answered", "line": "pod=shop/cart-...", "started": ..., ...}
 
@@ -85,19 +87,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sport", type=int, required=True, help="the fixed source port")
     parser.add_argument("--dst", required=True, help="where to connect (a Service VIP)")
     parser.add_argument("--dport", type=int, required=True)
+    parser.add_argument("--v4-mapped", action="store_true",
+                        help="IPv4 --src/--dst through an AF_INET6 socket, as ::ffff:a.b.c.d "
+                             "(a dual-stack program reaching an IPv4 Service)")
     parser.add_argument("--connect-timeout", type=float, default=1.5)
     parser.add_argument("--reply-timeout", type=float, default=1.0,
                         help="how long to wait for the server's first line")
     args = parser.parse_args(argv)
 
-    sock = socket.socket(socket.AF_INET6 if is_ipv6(args.dst) else socket.AF_INET,
+    src, dst = args.src, args.dst
+    if args.v4_mapped:
+        if is_ipv6(src) or is_ipv6(dst):
+            parser.error("--v4-mapped takes IPv4 --src and --dst")
+        src, dst = f"::ffff:{src}", f"::ffff:{dst}"
+    sock = socket.socket(socket.AF_INET6 if is_ipv6(dst) else socket.AF_INET,
                          socket.SOCK_STREAM)
+    if args.v4_mapped:  # whatever net.ipv6.bindv6only says
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.src, args.sport))
+    sock.bind((src, args.sport))
     sock.settimeout(args.connect_timeout)
-    report: dict[str, Any] = {"event": "connect", "started": time.time()}
+    report: dict[str, Any] = {"event": "connect", "started": time.time(),
+                              "local": sock.getsockname()[0]}
     try:
-        sock.connect((args.dst, args.dport))
+        sock.connect((dst, args.dport))
     except OSError as exc:
         report.update(outcome=_connect_error(exc), ended=time.time(), line=None, error=str(exc))
         sock.close()

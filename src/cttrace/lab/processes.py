@@ -99,11 +99,13 @@ class ClientSession:
     """
 
     def __init__(self, netns: str, *, src: str, sport: int, dst: str, dport: int,
-                 connect_timeout: float, reply_timeout: float, log: Path) -> None:
+                 connect_timeout: float, reply_timeout: float, log: Path,
+                 v4_mapped: bool = False) -> None:
         self.log = log
         args = [
             "--src", src, "--sport", str(sport), "--dst", dst, "--dport", str(dport),
             "--connect-timeout", str(connect_timeout), "--reply-timeout", str(reply_timeout),
+            *(["--v4-mapped"] if v4_mapped else []),
         ]
         self.proc = _spawn(_python_module(netns, "cttrace.lab.podclient", args), log)
         # Start-up, connect timeout and the wait for the greeting, with room to spare.

@@ -39,6 +39,7 @@ class Attempt:
     line: str | None  # the first line the server sent (the pod's identity), if answered
     error: str | None = None
     pid: int = 0  # the client process
+    local: str | None = None  # the socket's own address (``::ffff:a.b.c.d``: v4-mapped)
 
     @property
     def answered_by(self) -> str | None:
@@ -54,7 +55,7 @@ class Attempt:
     def from_report(cls, sport: int, pid: int, report: dict[str, Any]) -> Attempt:
         return cls(sport=sport, outcome=str(report["outcome"]), started=float(report["started"]),
                    ended=float(report["ended"]), line=report.get("line"),
-                   error=report.get("error"), pid=pid)
+                   error=report.get("error"), pid=pid, local=report.get("local"))
 
 
 @dataclass(frozen=True, slots=True)

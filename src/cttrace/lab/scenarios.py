@@ -58,12 +58,17 @@ def recycled_ip(
     sport: int = 40123,
     late_after: float = 3.0,
     connect_timeout: float = 1.5,
+    v4_mapped: bool = False,
 ) -> ScenarioResult:
     """A dead cart pod's IP goes to a ledger pod; a retry from the same port reaches ledger.
 
     ``late_after``: the retry waits until at least this long after the first SYN,
     so that a tracer's "late establish" threshold is clearly crossed.
+    ``v4_mapped`` (IPv4 node): the client connects through an AF_INET6 socket to
+    ``::ffff:<VIP>``, as a dual-stack program does; the kernel sends IPv4.
     """
+    if v4_mapped and lab.plan.version != 4:
+        raise LabError("v4_mapped needs a node whose traffic is IPv4 (--family 4)")
     story = Story(on_step)
     frontend = lab.start_pod(FRONTEND, suffix="k2x7p")
     cart_a = lab.start_pod(CART, suffix="w5n4t")
@@ -81,7 +86,8 @@ def recycled_ip(
                         f"/{lab.plan.host_prefix} route are gone; kube-proxy rules and the API do "
                         "not know yet")
 
-    first = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout)
+    first = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout,
+                        v4_mapped=v4_mapped)
     conntrack = {"after-first-attempt": lab.conntrack_entries(flow)}
     story("first-attempt", f"{flow_text(flow)}, DNAT to the dead "
                            f"pod's {endpoint(cart_a.ip, cart.target_port)}: {outcome_text(first)}; "
@@ -99,7 +105,8 @@ def recycled_ip(
                          f"kube-proxy added it to Service {ledger.namespace}/{ledger.name}")
 
     lab.pause_until(first.started + late_after)
-    retry = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout)
+    retry = lab.connect(frontend, cart, sport=sport, connect_timeout=connect_timeout,
+                        v4_mapped=v4_mapped)
     conntrack["after-retry"] = lab.conntrack_entries(flow)
     story("retry", f"retry from the same port {sport}, {retry.started - first.started:.1f} s "
                    f"after the first SYN: {outcome_text(retry)}; "
@@ -111,7 +118,8 @@ def recycled_ip(
         service=cart.ref, flow=flow, target=(cart_a.ip, cart.target_port),
         old_pod=cart_a.ref, new_pod=pod_b.ref, attempts=(first, retry),
         steps=tuple(story.steps), conntrack=conntrack,
-        options={"sport": sport, "late_after": late_after, "connect_timeout": connect_timeout},
+        options={"sport": sport, "late_after": late_after, "connect_timeout": connect_timeout,
+                 "v4_mapped": v4_mapped},
     )
 
 

@@ -56,7 +56,7 @@ from cttrace.sources.bpf_layout import (
     tracked_events,
     tracked_flows,
 )
-from cttrace.sources.probe import SEND_RESET_KPROBE, BpfFeatures, check_bpf
+from cttrace.sources.probe import SEND_RESET6_KPROBE, SEND_RESET_KPROBE, BpfFeatures, check_bpf
 
 #: Concatenated in this order; each .bpf.c file's ``#include "cttrace.h"`` is
 #: satisfied by the header text placed first.
@@ -73,6 +73,8 @@ _KPROBES = (
     ("nf_ct_delete", "ctt_ct_delete", None),
 )
 _CONNECT = ("tcp_connect", "ctt_connect_enter", None)
+_SEND_RESET = (SEND_RESET_KPROBE, "ctt_send_reset_enter", None)
+_SEND_RESET6 = (SEND_RESET6_KPROBE, "ctt_send_reset6_enter", None)
 #: Why the nf_conntrack hooks are kprobes even where the kernel has BTF.
 _MODULE_KPROBE = ("nf_conntrack is a module, and BCC resolves fentry/fexit targets in "
                   "vmlinux's BTF only")
@@ -102,8 +104,9 @@ class BpfSettings:
     kretprobe_maxactive: int = 256
     """Instances per kretprobe: the kernel's default, max(10, 2 * CPUs), misses under load."""
     send_reset: str = "kprobe"
-    """Where sent resets are seen: ``kprobe`` (tcp_v4_send_reset, sees socketless ones),
-    ``tracepoint`` (tcp:tcp_send_reset) or ``off``."""
+    """Where sent resets are seen: ``kprobe`` (tcp_v4_send_reset, and tcp_v6_send_reset
+    where it can be probed: sees socketless ones), ``tracepoint`` (tcp:tcp_send_reset) or
+    ``off``."""
     receive_reset_tracepoint: bool = True
     """Also report resets local sockets receive (tcp:tcp_receive_reset); with ``stream_all``
     only: no rule needs them."""
@@ -519,8 +522,15 @@ class BpfSource:
         else:
             out["tcp_connect"] = ("kprobe", features.fentry_unavailable or "fentry turned off")
         if settings.send_reset == "kprobe":
-            out[SEND_RESET_KPROBE] = ("kprobe", "static function: resets are rare")
+            for function, _, _ in self._send_reset_kprobes():
+                out[function] = ("kprobe", "static function: resets are rare")
         return out
+
+    def _send_reset_kprobes(self) -> list[tuple[str, str, None]]:
+        """The reset functions probed under ``send_reset == "kprobe"``: IPv4's, and IPv6's
+        where this kernel lets it be probed."""
+        v6 = self._features is not None and self._features.send_reset6_kprobe
+        return [_SEND_RESET, _SEND_RESET6] if v6 else [_SEND_RESET]
 
     def _attach(self, settings: BpfSettings) -> None:
         bpf = self._bpf
@@ -536,7 +546,7 @@ class BpfSource:
         else:
             probes.append(_CONNECT)
         if settings.send_reset == "kprobe":
-            probes.append((SEND_RESET_KPROBE, "ctt_send_reset_enter", None))
+            probes.extend(self._send_reset_kprobes())
         for function, enter, ret in probes:
             try:
                 bpf.attach_kprobe(event=function, fn_name=enter)

@@ -79,11 +79,9 @@ class CttConnectEvent(ctypes.Structure):
         ("cgroup_id", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("tid", ctypes.c_uint32),
-        ("saddr_be", ctypes.c_uint8 * 4),
-        ("daddr_be", ctypes.c_uint8 * 4),
-        ("sport_be", ctypes.c_uint16),
-        ("dport_be", ctypes.c_uint16),
-        ("_pad", ctypes.c_uint32),
+        ("flow", CttFlow),
+        ("family", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16),
         ("comm", ctypes.c_char * 16),
     )
 
@@ -230,12 +228,7 @@ def tracked_flows(t: CttTracked) -> tuple[Flow, Flow]:
 def _connect(conn: CttConnectEvent, ts: float) -> SockConnect:
     return SockConnect(
         ts=ts,
-        flow=Flow(
-            socket.inet_ntop(socket.AF_INET, bytes(conn.saddr_be)),
-            socket.ntohs(conn.sport_be),
-            socket.inet_ntop(socket.AF_INET, bytes(conn.daddr_be)),
-            socket.ntohs(conn.dport_be),
-        ),
+        flow=_flow(conn.flow, conn.family),
         pid=conn.pid,
         comm=conn.comm.decode(errors="replace"),
         cgroup_id=conn.cgroup_id,

@@ -36,6 +36,8 @@ REQUIRED_KPROBES = (
 #: Sees resets sent for segments no socket owns; preferred over tcp:tcp_send_reset,
 #: which before v6.10 fires only when there is a socket (bpf/reset.bpf.c).
 SEND_RESET_KPROBE = "tcp_v4_send_reset"
+#: Its IPv6 twin (net/ipv6/tcp_ipv6.c), probed beside it where it can be.
+SEND_RESET6_KPROBE = "tcp_v6_send_reset"
 #: Where the Debian/Ubuntu/Fedora packages and `make modules_install` put the headers.
 HEADERS_ENV = "CTTRACE_KERNEL_HEADERS"
 #: The modules that provide the probed functions when they are not built in.
@@ -68,6 +70,8 @@ class BpfFeatures:
     """The tracefs mount, where kprobe_profile reports kretprobe misses."""
     fentry_unavailable: str | None = "not probed"
     """Why tcp_connect cannot be reached through a BPF trampoline (fentry); None: it can."""
+    send_reset6_kprobe: bool = False
+    """tcp_v6_send_reset can be probed (IPv6 resets that have no socket)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,7 @@ def check_bpf(headers: str | None = None, view: KernelView | None = None) -> Bpf
         receive_reset_tracepoint=tracepoint_exists(view, tracefs, "tcp", "tcp_receive_reset"),
         tracefs=tracefs,
         fentry_unavailable=fentry_unavailable(view),
+        send_reset6_kprobe=SEND_RESET6_KPROBE in functions,
     )
 
 
