@@ -416,19 +416,29 @@ def test_real_kube_proxy_writes_only_the_node_and_sigint_leaves_nothing(
     assert root_state() == before
 
 
-@pytest.mark.parametrize("proxy", ["iptables", "nftables"])
-def test_the_lab_modes_write_their_tables_in_the_node_only(instance: str, proxy: str) -> None:
+#: (family, proxy) -> the nftables tables the node gets (iptables-nft keeps iptables' own
+#: tables as nftables tables of the same names; ip6tables' are ``table ip6``).
+NODE_TABLES = {
+    ("4", "iptables"): {"table ip nat", "table ip filter"},
+    ("6", "iptables"): {"table ip6 nat", "table ip6 filter"},
+    ("4", "nftables"): {"table ip kube-proxy"},
+    ("6", "nftables"): {"table ip6 kube-proxy"},
+    ("dual", "nftables"): {"table ip kube-proxy", "table ip6 kube-proxy"},
+}
+
+
+@pytest.mark.parametrize(("family", "proxy"), NODE_TABLES, ids="-".join)
+def test_the_lab_modes_write_their_tables_in_the_node_only(instance: str, family: str,
+                                                           proxy: str) -> None:
     def root_tables() -> str:
         return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
                               check=True).stdout
 
     before = root_tables(), root_state()
-    with Lab(instance=instance, proxy=proxy) as lab:
+    with Lab(instance=instance, proxy=proxy, family=family) as lab:
         lab.add_service("shop", "cart", app="cart", vip="10.100.37.12")
         tables = subprocess.run(["ip", "netns", "exec", lab.node_netns, "nft", "list", "tables"],
                                 capture_output=True, text=True, check=True).stdout
-        # iptables-nft keeps iptables' tables as nftables tables of the same names.
-        assert ("table ip kube-proxy" in tables) == (proxy == "nftables")
-        assert ("table ip nat" in tables) == (proxy == "iptables")
+        assert set(tables.splitlines()) == NODE_TABLES[family, proxy]
         assert (root_tables(), root_state()) == before
     assert_torn_down(instance)

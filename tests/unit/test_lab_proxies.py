@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cttrace.lab import control_plane
-from cttrace.lab.cli import ProxyChoice, app
 from cttrace.lab.addressing import IPV4, IPV6
+from cttrace.lab.cli import ProxyChoice, app
 from cttrace.lab.cluster import LabPod, LabService, Workload
 from cttrace.lab.kubeproxy_nft import endpoint_chain, render_rules, service_chain
 from cttrace.lab.preconditions import LabError

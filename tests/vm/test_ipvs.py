@@ -1,70 +1,126 @@
-"""kube-proxy in IPVS mode on Debian's kernel (which has ip_vs): recycled-ip and dead-pod,
-with the real kube-proxy 1.20 and ``cttrace watch --source netlink`` as a separate process.
+"""kube-proxy in IPVS mode on Debian's kernel (which has ip_vs): recycled-ip and dead-pod
+with the real kube-proxy 1.20, watched by ``cttrace watch --source netlink`` and by the
+shared ``cttrace watch --source bpf``, each a separate process, as a user runs them.
 
 What is measured: whether the retry from the same source port still reaches the pod
 that inherited a dead pod's IP when IPVS, not iptables, translates the Service, and
-what cttrace reports. kube-proxy sets ``net.ipv4.vs.conntrack=1`` (IPVS keeps a
+what each source reports. kube-proxy sets ``net.ipv4.vs.conntrack=1`` (IPVS keeps a
 netfilter conntrack entry per connection) and ``expire_nodest_conn=1`` (a packet of a
 connection whose real server is gone expires the IPVS connection); IPVS rewrites the
 entry's reply tuple itself (ip_vs_update_conntrack -> nf_conntrack_alter_reply)
 without setting the IPS_DST_NAT status bit that iptables' DNAT sets. Each test
-writes what it saw to ``ipvs-<scenario>.json`` in the results directory.
+writes what it saw to ``ipvs-<scenario>.json`` in the results directory before it
+asserts, so a failed run still says what happened.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.results import ScenarioResult
-from tests.kernel.test_watch_scenarios import traced
-from tests.watch_process import Line
+from tests.lab_checks import assert_dead_endpoint_names_the_pod, assert_wrong_pod_names_everyone
+from tests.watch_process import Line, WatchProcess
 
-from .conftest import OUT_DIR
+from .conftest import DEAD_AFTER_S, OUT_DIR, SharedWatch
 
 pytestmark = pytest.mark.vm
 
 PROXY = "kube-proxy-ipvs"
 #: kube-apiserver and kube-proxy start several times slower under emulation.
 SCENARIO_DEADLINE_S = 600.0
+#: How long a finding may take to show after its scenario's traffic, under emulation.
+FINDING_S = 90.0
 
 
 def ipvs_listing(netns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", netns, "ipvsadm", "-Ln"], capture_output=True,
-                          text=True, check=False).stdout
+    return subprocess.run(["ip", "netns", "exec", netns, "ipvsadm", "-Lnc"],
+                          capture_output=True, text=True, check=False).stdout
 
 
-def record(name: str, result: ScenarioResult, lines: list[Line], **extra: Any) -> None:
-    flows = [x for x in lines if x.get("kind") == "flow" and x["orig"] == result.flow.to_json()]
+@contextmanager
+def watched(tmp_path: Path, bpf_watch: SharedWatch, scenario: str, *extra: str,
+            **options: Any) -> Iterator[tuple[BackgroundScenario, WatchProcess]]:
+    """The scenario with the real kube-proxy in IPVS mode; its first packet waits until the
+    netlink watch is attached and the shared bpf watch has read the lab's identity."""
+    ready = tmp_path / "ready"
+    identity = tmp_path / "identity.jsonl"
+    with BackgroundScenario(
+        scenario, identity_path=identity, proxy=PROXY,
+        wait_ready=lambda: ready.exists() and bpf_watch.caught_up(identity), **options,
+    ) as bg:
+        bpf_watch.follow(identity)
+        netlink = WatchProcess(["--source", "netlink", "--netns", bg.node_netns, "--output",
+                                "json", "--flows", "--identity-file", str(identity),
+                                "--dead-after", f"{DEAD_AFTER_S:g}", *extra], ready)
+        try:
+            netlink.wait_ready(timeout=SCENARIO_DEADLINE_S)
+            yield bg, netlink
+        finally:
+            netlink.kill()
+
+
+def of_flow(lines: list[Line], result: ScenarioResult) -> list[Line]:
+    return [x for x in lines if x.get("orig") == result.flow.to_json()]
+
+
+def record(name: str, result: ScenarioResult, netlink: list[Line], bpf: list[Line],
+           **extra: Any) -> None:
+    def seen(lines: list[Line]) -> dict[str, Any]:
+        mine = of_flow(lines, result)
+        return {"findings": [x for x in mine if x.get("kind") == "finding"],
+                "flow_events": [x for x in mine if x.get("kind") == "flow"]}
+
     (OUT_DIR / f"ipvs-{name}.json").write_text(json.dumps({
-        "attempts": [a.outcome + " " + str(a.answered_by) for a in result.attempts],
+        "attempts": [f"{a.outcome} {a.answered_by}" for a in result.attempts],
         "exchanges": [e.outcome for e in result.exchanges],
         "conntrack": result.conntrack,
-        "findings": [x for x in lines if x.get("kind") == "finding"],
-        "flow_events": len(flows),
+        "netlink": seen(netlink),
+        "bpf": seen(bpf),
         **extra,
     }, indent=2, default=str))
 
 
-def test_recycled_ip_under_ipvs(tmp_path: Path) -> None:
-    seen: dict[str, str] = {}
-    with traced(tmp_path, "recycled-ip", "--flows", proxy=PROXY) as (bg, watch):
-        result = bg.result(timeout=SCENARIO_DEADLINE_S)
-        seen["ipvsadm"] = ipvs_listing(bg.node_netns)
-        assert watch.stop() == 0, watch.stderr.decode()
-    record("recycled-ip", result, watch.lines, **seen)
-    assert result.proxy == "kube-proxy-ipvs"
-    assert "TCP  10.100.52.7:80" in seen["ipvsadm"]
+def finding(watch: WatchProcess, rule: str, result: ScenarioResult,
+            timeout: float = FINDING_S) -> Line | None:
+    """The source's ``rule`` finding for the scenario's flow, or None if none came."""
+    try:
+        return watch.wait_for(lambda x: x.get("kind") == "finding" and x.get("rule") == rule
+                              and x.get("orig") == result.flow.to_json(), timeout=timeout)
+    except AssertionError:
+        return None
 
 
-def test_dead_pod_under_ipvs(tmp_path: Path) -> None:
-    with traced(tmp_path, "dead-pod", "--flows", "--dead-after", "2",
-                proxy=PROXY) as (bg, watch):
+def test_recycled_ip_under_ipvs(tmp_path: Path, bpf_watch: SharedWatch) -> None:
+    with watched(tmp_path, bpf_watch, "recycled-ip") as (bg, netlink):
         result = bg.result(timeout=SCENARIO_DEADLINE_S)
-        assert watch.stop() == 0, watch.stderr.decode()
-    record("dead-pod", result, watch.lines)
-    assert result.proxy == "kube-proxy-ipvs"
+        connections = ipvs_listing(bg.node_netns)
+        by_netlink = finding(netlink, "wrong-pod", result)
+        by_bpf = finding(bpf_watch.process, "wrong-pod", result, timeout=10)
+        assert netlink.stop() == 0, netlink.stderr.decode()
+    record("recycled-ip", result, netlink.lines, bpf_watch.process.lines,
+           ipvs_connections=connections, caught={"netlink": by_netlink is not None,
+                                                 "bpf": by_bpf is not None})
+    assert result.proxy == PROXY
+    assert by_netlink is not None, "the netlink source reported no wrong-pod"
+    assert_wrong_pod_names_everyone(by_netlink, result)
+
+
+def test_dead_pod_under_ipvs(tmp_path: Path, bpf_watch: SharedWatch) -> None:
+    with watched(tmp_path, bpf_watch, "dead-pod") as (bg, netlink):
+        result = bg.result(timeout=SCENARIO_DEADLINE_S)
+        by_netlink = finding(netlink, "dead-endpoint", result)
+        by_bpf = finding(bpf_watch.process, "dead-endpoint", result, timeout=10)
+        assert netlink.stop() == 0, netlink.stderr.decode()
+    record("dead-pod", result, netlink.lines, bpf_watch.process.lines,
+           caught={"netlink": by_netlink is not None, "bpf": by_bpf is not None})
+    assert result.proxy == PROXY
+    assert by_netlink is not None, "the netlink source reported no dead-endpoint"
+    assert_dead_endpoint_names_the_pod(by_netlink, result)
