@@ -31,13 +31,18 @@ from tests.watch_process import Line, WatchProcess
 
 from .conftest import DEAD_AFTER_S, OUT_DIR, SharedWatch
 
-pytestmark = pytest.mark.vm
+#: The first test also waits for the shared bpf watch's compile, then starts etcd and
+#: kube-apiserver under emulation: more than the tier's per-test default.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
 PROXY = "kube-proxy-ipvs"
 #: kube-apiserver and kube-proxy start several times slower under emulation.
 SCENARIO_DEADLINE_S = 600.0
 #: How long a finding may take to show after its scenario's traffic, under emulation.
 FINDING_S = 90.0
+#: Source ports of their own: the shared bpf watch also sees test_watch_bpf.py's runs of
+#: the same scenarios, whose flows must stay apart from these.
+SPORTS = {"recycled-ip": 40223, "dead-pod": 40224}
 
 
 def ipvs_listing(netns: str) -> str:
@@ -53,7 +58,7 @@ def watched(tmp_path: Path, bpf_watch: SharedWatch, scenario: str, *extra: str,
     ready = tmp_path / "ready"
     identity = tmp_path / "identity.jsonl"
     with BackgroundScenario(
-        scenario, identity_path=identity, proxy=PROXY,
+        scenario, identity_path=identity, proxy=PROXY, sport=SPORTS[scenario],
         wait_ready=lambda: ready.exists() and bpf_watch.caught_up(identity), **options,
     ) as bg:
         bpf_watch.follow(identity)
