@@ -12,7 +12,7 @@ deps:
 
 test-deps:
 	@scripts/install-deps.sh test
-	@scripts/build-kube-apiserver.sh >/dev/null
+	@scripts/build-kube.sh kube-apiserver kube-proxy >/dev/null
 	@scripts/vm-setup.sh
 
 demo: deps

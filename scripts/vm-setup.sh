@@ -23,8 +23,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VIRTME_NG_VERSION=${VIRTME_NG_VERSION:-1.42}
+# ipvsadm, ipset: the real kube-proxy in IPVS mode (tests/vm/test_ipvs.py).
 pkgs=(qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64
-      linux-image-6.12-amd64 linux-headers-6.12-amd64 python3-bpfcc bpftool gcc)
+      linux-image-6.12-amd64 linux-headers-6.12-amd64 python3-bpfcc bpftool gcc ipvsadm ipset)
 
 installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

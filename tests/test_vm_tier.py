@@ -38,7 +38,7 @@ RUNNER = VM_DIR / "run_vm_tier.py"
 #: tests/vm/run_vm_tier.py's exit code when the VM cannot be started (what is missing is printed).
 SETUP_FAILED = 2
 #: The runner kills a hung VM after its own timeout (DEFAULT_TIMEOUT); this is above it.
-TIER_TIMEOUT_S = 1500
+TIER_TIMEOUT_S = 2700
 
 pytestmark = pytest.mark.timeout(TIER_TIMEOUT_S)
 

@@ -63,8 +63,9 @@ def is_flow(line: Line, result: ScenarioResult, state: str) -> bool:
             and line["state"] == state)
 
 
-def test_graceful_drain_completes_while_remediate_runs(tmp_path: Path) -> None:
-    with remediating(tmp_path) as (bg, watch):
+@pytest.mark.parametrize("proxy", ["iptables", "nftables", "kube-proxy"])
+def test_graceful_drain_completes_while_remediate_runs(tmp_path: Path, proxy: str) -> None:
+    with remediating(tmp_path, proxy=proxy) as (bg, watch):
         result = bg.result(timeout=120)
         # The tracer saw the drained entry reach TIME_WAIT: it followed it to the end.
         closed = watch.wait_for(lambda x: is_flow(x, result, "TIME_WAIT"), timeout=60)

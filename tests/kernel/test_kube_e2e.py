@@ -1,7 +1,7 @@
 """Scenario 1 end to end with a real Kubernetes API: the lab's kernel, a real kube-apiserver,
 and ``cttrace watch --kubeconfig`` as a separate process, exactly as a user runs it.
 
-The lab runs ``recycled-ip`` in its namespaces; :class:`tests.kube_mirror.KubeMirror`
+The lab runs ``recycled-ip`` in its namespaces; :class:`cttrace.lab.api_mirror.KubeMirror`
 makes every Pod, Service and EndpointSlice change the lab makes true in the API
 as it happens (create, status, delete), and cttrace learns who is who only by
 list+watch of that API. What a user relies on: the ``wrong-pod`` finding names
@@ -31,10 +31,10 @@ import orjson
 import pytest
 
 from cttrace.identity.model import PodRef, ServiceRef
+from cttrace.lab.api_mirror import KubeMirror
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.results import ScenarioResult
 from tests.fixtures.kube import KubeCluster, Variant
-from tests.kube_mirror import KubeMirror
 from tests.watch_process import Line, WatchProcess
 
 pytestmark = pytest.mark.kernel

@@ -354,3 +354,91 @@ echo "netns left: $(ip netns list | wc -l), state left: $(ls -A {STATE_ROOT} | w
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server_pid, signal.SIGKILL)  # only if `down --all` failed to
+
+
+#: What the real kube-proxy would change in the machine's root namespace if it were not
+#: contained (sysctls it writes, the machine-wide conntrack hash size) and its chains.
+ROOT_STATE_SYSCTLS = ("net.ipv4.conf.all.route_localnet",
+                      "net.netfilter.nf_conntrack_tcp_timeout_established",
+                      "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+                      "net.netfilter.nf_conntrack_max")
+
+
+def root_state() -> dict[str, object]:
+    """The root namespace's state the real kube-proxy would touch if it leaked."""
+    sysctls = subprocess.run(["sysctl", *ROOT_STATE_SYSCTLS], capture_output=True, text=True,
+                             check=True).stdout
+    iptables = subprocess.run(["iptables-save"], capture_output=True, text=True,
+                              check=True).stdout
+    return {
+        "sysctls": sysctls,
+        "hashsize": Path("/sys/module/nf_conntrack/parameters/hashsize").read_text(),
+        "kube_chains": sorted(line for line in iptables.splitlines()
+                              if line.startswith(":KUBE-")),
+    }
+
+
+def process_names(pids: list[int]) -> set[str]:
+    names = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+    return names
+
+
+def test_real_kube_proxy_writes_only_the_node_and_sigint_leaves_nothing(
+        instance: str, tmp_path: Path) -> None:
+    names = LabNames(instance)
+    before = root_state()
+    proc, stderr = _lab_cli(instance, tmp_path, "dead-pod", "--proxy", "kube-proxy")
+    try:
+        wait_for(lambda: b"waiting for" in stderr.read_bytes(), "the lab waiting for --ready-file",
+                 deadline_s=180)
+        narration = stderr.read_text()
+        assert "Service rules: the real kube-proxy v1.20" in narration
+        # kube-proxy runs in the node namespace; the API and etcd in the control plane's.
+        assert process_names(netns_pids(names.node_netns)) >= {"kube-proxy"}
+        assert process_names(netns_pids(names.control_netns)) >= {"kube-apiserver", "etcd"}
+        # Its own rules (its comments, not the lab's tag), in the node namespace only.
+        nat = subprocess.run(["ip", "netns", "exec", names.node_netns, "iptables-save",
+                              "-t", "nat"], capture_output=True, text=True, check=True).stdout
+        assert '--comment "shop/checkout:http cluster IP"' in nat
+        assert "KUBE-MARK-MASQ" in nat and names.tag not in nat
+        pids = [pid for netns in lab_netns(names.netns_prefix) for pid in netns_pids(netns)]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=DEADLINE_S)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr.read_text()
+    wait_exited(pids, deadline_s=5.0)
+    assert_torn_down(instance)
+    assert root_state() == before
+
+
+#: (family, proxy) -> the nftables tables the node gets (iptables-nft keeps iptables' own
+#: tables as nftables tables of the same names; ip6tables' are ``table ip6``).
+NODE_TABLES = {
+    ("4", "iptables"): {"table ip nat", "table ip filter"},
+    ("6", "iptables"): {"table ip6 nat", "table ip6 filter"},
+    ("4", "nftables"): {"table ip kube-proxy"},
+    ("6", "nftables"): {"table ip6 kube-proxy"},
+    ("dual", "nftables"): {"table ip kube-proxy", "table ip6 kube-proxy"},
+}
+
+
+@pytest.mark.parametrize(("family", "proxy"), NODE_TABLES, ids="-".join)
+def test_the_lab_modes_write_their_tables_in_the_node_only(instance: str, family: str,
+                                                           proxy: str) -> None:
+    def root_tables() -> str:
+        return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                              check=True).stdout
+
+    before = root_tables(), root_state()
+    with Lab(instance=instance, proxy=proxy, family=family) as lab:
+        lab.add_service("shop", "cart", app="cart", vip="10.100.37.12")
+        tables = subprocess.run(["ip", "netns", "exec", lab.node_netns, "nft", "list", "tables"],
+                                capture_output=True, text=True, check=True).stdout
+        assert set(tables.splitlines()) == NODE_TABLES[family, proxy]
+        assert (root_tables(), root_state()) == before
+    assert_torn_down(instance)

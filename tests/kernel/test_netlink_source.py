@@ -209,6 +209,28 @@ def test_kernel_filter_drops_unnated_tcp_and_udp_before_the_socket(lab: Lab) -> 
         userspace.close()
 
 
+def test_kernel_filter_keeps_entries_translated_without_a_nat_bit(lab: Lab) -> None:
+    """IPVS (kube-proxy's IPVS mode, net.ipv4.vs.conntrack=1) rewrites an entry's reply tuple
+    with nf_conntrack_alter_reply() and sets no NAT status bit. Such an entry, made here with
+    ctnetlink as IPVS leaves it, passes the kernel filter; an untranslated one does not."""
+    src = lab.source()
+    try:
+        src.read()  # the initial dump
+        insert = ("conntrack -I -p tcp -s {c} -d 10.96.0.7 --sport {p} --dport 80 {reply}"
+                  " --state SYN_SENT -t 60")
+        lab.sh(insert.format(c=CLIENT, p=40998, reply=""))  # untranslated, no NAT bit
+        lab.sh(insert.format(c=CLIENT, p=40999, reply=f"-r 10.244.0.9 -q {CLIENT} "
+                             "--reply-port-src 8080 --reply-port-dst 40999"))
+        events = collect(src, has(CtKind.NEW, 40999))
+        (ipvs,) = ct_events(events)
+        assert (ipvs.orig.dst, ipvs.reply.src, ipvs.reply.sport) == ("10.96.0.7", "10.244.0.9",
+                                                                     8080)
+        assert not ipvs.status & (CtStatus.SRC_NAT | CtStatus.DST_NAT)
+        assert src.stats().filtered == 0  # the untranslated one never reached the socket
+    finally:
+        src.close()
+
+
 def test_kernel_filter_drops_only_the_closing_states_of_a_fin_close(lab: Lab) -> None:
     """FIN_WAIT/CLOSE_WAIT/LAST_ACK never reach the filtered socket; what the rules read does."""
     kernel = lab.source()

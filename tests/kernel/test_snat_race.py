@@ -26,10 +26,11 @@ def inserts_failed(lines: list[Line]) -> int:
                if x.get("kind") == "finding" and x.get("rule") == "snat-collision")
 
 
-def test_snat_race_is_a_snat_collision(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proxy", ["iptables", "nftables"])
+def test_snat_race_is_a_snat_collision(tmp_path: Path, proxy: str) -> None:
     ready = tmp_path / "ready"
     with BackgroundScenario("snat-race", identity_path=tmp_path / "identity.jsonl",
-                            wait_ready=ready.exists) as bg:
+                            wait_ready=ready.exists, proxy=proxy) as bg:
         watch = WatchProcess(["--source", "netlink", "--netns", bg.node_netns,
                               "--output", "json", "--identity-file", str(bg.identity_path)], ready)
         try:

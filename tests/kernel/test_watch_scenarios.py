@@ -1,5 +1,11 @@
 """Every lab scenario on this kernel, caught by ``cttrace watch --source netlink`` running as a
-separate process, exactly as a user runs it; findings checked against what the lab did."""
+separate process, exactly as a user runs it; findings checked against what the lab did.
+
+The failures run with every proxy the lab has on this kernel: its own iptables and
+nftables imitations of kube-proxy on IPv4 and IPv6 nodes, and the real kube-proxy
+(iptables mode; IPv4 nodes only). Whoever wrote the rules, the findings must name the
+same pods and Service.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +20,28 @@ import pytest
 
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.results import ScenarioResult
-from tests.lab_checks import by_family
+from tests.lab_checks import (
+    assert_dead_endpoint_names_the_pod,
+    assert_wrong_pod_names_everyone,
+    by_family,
+)
 from tests.watch_process import WatchProcess, owner, ref
 
 pytestmark = pytest.mark.kernel
+
+#: (family, proxy): the lab's own modes on IPv4 and IPv6 nodes, and the real kube-proxy,
+#: which runs on IPv4 nodes only (IPVS runs in the VM tier).
+LAB_SETUPS = [("4", "iptables"), ("6", "iptables"), ("4", "nftables"), ("6", "nftables")]
+SETUPS = [*LAB_SETUPS, ("dual", "iptables"), ("4", "kube-proxy")]
+_FAMILY_IDS = {"4": "ipv4", "6": "ipv6", "dual": "dual-stack"}
+
+
+def _setups(setups: list[tuple[str, str]]) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize(("family", "proxy"), setups,
+                                   ids=[f"{_FAMILY_IDS[f]}-{p}" for f, p in setups])
+
+
+by_lab_setup, by_setup = _setups(LAB_SETUPS), _setups(SETUPS)
 
 
 @contextmanager
@@ -54,25 +78,17 @@ def ts(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339).timestamp()
 
 
-@pytest.mark.parametrize("family", ["4", "6", "dual"], ids=["ipv4", "ipv6", "dual-stack"])
-def test_recycled_ip_is_a_critical_wrong_pod_naming_everyone(tmp_path: Path, family: str) -> None:
-    with traced(tmp_path, "recycled-ip", family=family) as (bg, watch):
+@by_setup
+def test_recycled_ip_is_a_critical_wrong_pod_naming_everyone(tmp_path: Path, family: str,
+                                                            proxy: str) -> None:
+    with traced(tmp_path, "recycled-ip", family=family, proxy=proxy) as (bg, watch):
         wp = watch.wait_for(lambda x: x.get("rule") == "wrong-pod", timeout=60)
         result = bg.result(timeout=60)
         watch.wait_for(lambda x: x.get("rule") == "late-establish", timeout=10)
         finish(watch)
-    assert result.attempts[-1].answered_by == f"{result.new_pod.namespace}/{result.new_pod.name}"
-    assert wp["severity"] == "critical"
-    assert wp["orig"] == flow_of(result)
-    assert wp["target"] == {"ip": result.target[0], "port": result.target[1]}
-    assert owner(wp, "client") == ref(result.client)
-    assert wp["service"] == {"namespace": result.service.namespace, "name": result.service.name}
-    assert owner(wp, "old_owner") == ref(result.old_pod)
-    assert owner(wp, "new_owner") == ref(result.new_pod)
-    assert wp["new_owner_is_endpoint"] is False
-    first, retry = result.attempts
-    assert wp["unreplied_s"] == pytest.approx(retry.started - first.started, abs=0.5)
+    assert_wrong_pod_names_everyone(wp, result)
     assert len(watch.findings("wrong-pod")) == 1
+    assert result.proxy == proxy
 
 
 def test_recycled_ip_without_identity_still_yields_late_establish(tmp_path: Path) -> None:
@@ -87,23 +103,23 @@ def test_recycled_ip_without_identity_still_yields_late_establish(tmp_path: Path
     assert watch.findings("wrong-pod") == []
 
 
-@by_family
-def test_dead_pod_is_a_dead_endpoint(tmp_path: Path, family: str) -> None:
-    with traced(tmp_path, "dead-pod", "--dead-after", "2", family=family) as (bg, watch):
+@by_setup
+def test_dead_pod_is_a_dead_endpoint(tmp_path: Path, family: str, proxy: str) -> None:
+    with traced(tmp_path, "dead-pod", "--dead-after", "2", family=family,
+                proxy=proxy) as (bg, watch):
         de = watch.wait_for(lambda x: x.get("rule") == "dead-endpoint", timeout=60)
         result = bg.result(timeout=60)
         finish(watch)
-    assert de["orig"] == flow_of(result)
-    assert owner(de, "old_owner") == ref(result.old_pod)
-    assert owner(de, "client") == ref(result.client)
-    assert de["state"] == "ESTABLISHED"
+    assert_dead_endpoint_names_the_pod(de, result)
     assert watch.findings("wrong-pod") == []
+    assert result.proxy == proxy
 
 
-@by_family
-def test_bridge_without_br_netfilter_is_an_unnated_reply(tmp_path: Path, family: str) -> None:
+@by_lab_setup
+def test_bridge_without_br_netfilter_is_an_unnated_reply(tmp_path: Path, family: str,
+                                                         proxy: str) -> None:
     with traced(tmp_path, "bridge-no-brnf", "--late-after", "1", "--identity-grace", "2",
-                brnf=False, family=family) as (bg, watch):
+                brnf=False, family=family, proxy=proxy) as (bg, watch):
         ur = watch.wait_for(lambda x: x.get("rule") == "unnated-reply", timeout=60)
         result = bg.result(timeout=60)
         finish(watch)
@@ -113,10 +129,10 @@ def test_bridge_without_br_netfilter_is_an_unnated_reply(tmp_path: Path, family:
     assert owner(ur, "new_owner") == ref(result.old_pod)
 
 
-@by_family
-def test_bridge_with_br_netfilter_is_quiet(tmp_path: Path, family: str) -> None:
+@by_lab_setup
+def test_bridge_with_br_netfilter_is_quiet(tmp_path: Path, family: str, proxy: str) -> None:
     with traced(tmp_path, "bridge-no-brnf", "--late-after", "1", "--identity-grace", "2",
-                brnf=True, family=family) as (bg, watch):
+                brnf=True, family=family, proxy=proxy) as (bg, watch):
         result = bg.result(timeout=60)
         # The rule would have fired 3 s after the SYN: watch that long past it.
         deadline = time.time() + 5.0

@@ -205,11 +205,12 @@ def message(attrs: bytes, msg_type: int = ct.MSG_CT_NEW, flags: int = 0, family:
 
 
 def entry_attrs(
-    status: int = int(CtStatus.DST_NAT | CtStatus.CONFIRMED), proto: int = 6, extra: bytes = b""
+    status: int = int(CtStatus.DST_NAT | CtStatus.CONFIRMED), proto: int = 6, extra: bytes = b"",
+    reply_src: tuple[str, int] = ("10.244.1.5", 8443),
 ) -> bytes:
     return (
         nla(ct.CTA_TUPLE_ORIG, tuple_v4("10.0.0.1", 40000, "10.96.0.10", 443, proto), True)
-        + nla(ct.CTA_TUPLE_REPLY, tuple_v4("10.244.1.5", 8443, "10.0.0.1", 40000, proto), True)
+        + nla(ct.CTA_TUPLE_REPLY, tuple_v4(*reply_src, "10.0.0.1", 40000, proto), True)
         + nla(ct.CTA_STATUS, struct.pack(">I", status))
         + nla(ct.CTA_ID, struct.pack(">I", 0xDEADBEEF))
         + extra
@@ -278,8 +279,21 @@ def test_kind_from_type_and_flags(msg_type: int, flags: int, kind: CtKind) -> No
     [(int(CtStatus.CONFIRMED | CtStatus.SEEN_REPLY), 6), (NAT_MASK, 17), (NAT_MASK, 1)],
 )
 def test_handmade_irrelevant_entries_are_filtered(status: int, proto: int) -> None:
-    decoded = ct.decode_messages(message(entry_attrs(status, proto)), 1.0)
+    # The un-NATed entry is also untranslated: the reply comes from where the client connected.
+    reply_src = ("10.244.1.5", 8443) if status & NAT_MASK else ("10.96.0.10", 443)
+    decoded = ct.decode_messages(message(entry_attrs(status, proto, reply_src=reply_src)), 1.0)
     assert (decoded.events, decoded.filtered, decoded.malformed) == ([], 1, 0)
+
+
+def test_an_ipvs_translated_entry_without_nat_bits_is_kept() -> None:
+    # IPVS (net.ipv4.vs.conntrack=1) rewrites the reply tuple and sets no NAT status bit.
+    status = int(CtStatus.CONFIRMED | CtStatus.SEEN_REPLY)
+    decoded = ct.decode_messages(message(entry_attrs(status)), 1.0)
+    assert decoded.filtered == 0
+    (event,) = decoded.events
+    assert (event.orig.dst, event.reply.src, event.reply.sport) == ("10.96.0.10", "10.244.1.5",
+                                                                     8443)
+    assert not event.status & NAT_MASK
 
 
 # --- requests and the socket filter ---------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 from cttrace.lab.addressing import Family
 from cttrace.lab.node import Lab, ReadyCheck
 from cttrace.lab.preconditions import LabError
+from cttrace.lab.proxies import DEFAULT_PROXY
 from cttrace.lab.results import ScenarioResult, StepCallback
 from cttrace.lab.scenarios import get_scenario
 
@@ -43,11 +44,12 @@ class BackgroundScenario:
         on_step: StepCallback | None = None,
         keep: bool = False,
         family: Family | str = Family.V4,
+        proxy: str = DEFAULT_PROXY,
         **options: Any,
     ) -> None:
         self.scenario = get_scenario(name)
         self.lab = Lab(instance=instance, layout=self.scenario.layout,
-                       identity_path=identity_path, keep=keep, family=family)
+                       identity_path=identity_path, keep=keep, family=family, proxy=proxy)
         self._wait_ready = wait_ready
         self._on_step = on_step
         self._options = options
@@ -77,7 +79,7 @@ class BackgroundScenario:
 
     def _run(self) -> None:
         try:
-            self._result = self.scenario.run(
+            self._result = self.scenario.play(
                 self.lab, wait_ready=self._wait_ready, on_step=self._on_step, **self._options
             )
         except BaseException as exc:  # handed to the caller by result()

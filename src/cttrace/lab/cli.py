@@ -24,6 +24,7 @@ from cttrace.lab.addressing import Family
 from cttrace.lab.naming import LabNames, check_instance
 from cttrace.lab.node import Lab
 from cttrace.lab.preconditions import LabError, require_root
+from cttrace.lab.proxies import DEFAULT_PROXY, PROXY_SUMMARIES
 from cttrace.lab.scenario_parts import CART, FRONTEND
 from cttrace.lab.scenarios import SCENARIOS, get_scenario, run_scenario
 
@@ -35,6 +36,15 @@ EXIT_INTERRUPTED = 130
 class LayoutChoice(enum.StrEnum):
     routed = "routed"
     bridge = "bridge"
+
+
+class ProxyChoice(enum.StrEnum):
+    """The names of cttrace.lab.proxies.PROXIES, as typer wants them: an enum."""
+
+    iptables = "iptables"
+    nftables = "nftables"
+    kube_proxy = "kube-proxy"
+    kube_proxy_ipvs = "kube-proxy-ipvs"
 
 
 app = typer.Typer(
@@ -65,6 +75,18 @@ InstanceOpt = Annotated[str | None, typer.Option(
     help="Lab instance id (1-6 lowercase letters/digits); namespaces are named "
          "ctl-<instance>-node, ctl-<instance>-fabric, ctl-<instance>-<pod>. Default: random.",
 )]
+ProxyOpt = Annotated[ProxyChoice, typer.Option(
+    "--proxy",
+    help="Who writes the Service rules in the node namespace. iptables: cttrace's imitation of "
+         "kube-proxy's iptables mode (KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP -> DNAT). nftables: "
+         "cttrace's imitation of kube-proxy's nftables mode (table ip kube-proxy, and table ip6 "
+         "kube-proxy on an IPv6 or dual-stack node; verdict maps, numgen). Both lab modes work "
+         "with every --family. kube-proxy: the real kube-proxy (1.20, iptables mode) run inside "
+         "the node namespace against a real kube-apiserver in the lab's control-plane namespace "
+         "ctl-<instance>-ctrl (built once by scripts/build-kube.sh; adds ~20 s of start-up). "
+         "kube-proxy-ipvs: the same in IPVS mode (needs the ip_vs modules, ipvsadm and ipset). "
+         "The real kube-proxy runs on an IPv4 node only: with --family 6 or dual it is refused.",
+)]
 IdentityOpt = Annotated[Path | None, typer.Option(
     "--identity-file",
     help="Write the identity (Kubernetes watch events, one JSON per line) here instead of "
@@ -84,6 +106,15 @@ def _interrupted(what: str) -> NoReturn:
 
 def _narrate(line: str) -> None:
     typer.echo(f"* {line}", err=True)
+
+
+def _rules_dump(lab: Lab) -> str:
+    """The command that shows the rules ``lab``'s proxy wrote."""
+    if lab.proxy.name == "nftables":
+        return f"nft list table {'ip6' if lab.plan.version == 6 else 'ip'} kube-proxy"
+    if lab.proxy.name == "kube-proxy-ipvs":
+        return "ipvsadm -Ln"
+    return f"{lab.plan.iptables}-save -t nat"
 
 
 def _ready_file_check(path: Path) -> Callable[[], bool]:
@@ -128,12 +159,14 @@ def run(
              "healthy control, where the connection works) instead of 0.",
     )] = False,
     family: FamilyOpt = Family.V4,
+    proxy: ProxyOpt = ProxyChoice.iptables,
 ) -> None:
     """Replay SCENARIO with real packets, then tear the lab down.
 
-    Narration goes to stderr as it happens; the result (client, Service, flow,
-    DNAT target, old and new pod, each attempt's outcome, step times, and the
-    flow's conntrack entries) is printed as one JSON line on stdout.
+    Narration goes to stderr as it happens, starting with who writes the Service
+    rules (--proxy); the result (client, Service, flow, DNAT target, old and new
+    pod, each attempt's outcome, step times, the flow's conntrack entries, and
+    "proxy") is printed as one JSON line on stdout.
     """
     try:
         spec = get_scenario(scenario)
@@ -145,7 +178,7 @@ def run(
             result = run_scenario(
                 spec.name, instance=instance and check_instance(instance),
                 identity_path=identity_file, wait_ready=wait_ready, on_step=_narrate, keep=keep,
-                family=family, **options,
+                family=family, proxy=proxy.value, **options,
             )
     except KeyboardInterrupt:
         _interrupted("the lab was")
@@ -166,6 +199,7 @@ def up(
              "bridge and /24 (kubenet/docker style).",
     )] = LayoutChoice.routed,
     family: FamilyOpt = Family.V4,
+    proxy: ProxyOpt = ProxyChoice.iptables,
 ) -> None:
     """Build a node with a client pod and one Service, and keep it until Ctrl-C.
 
@@ -176,7 +210,7 @@ def up(
     try:
         with teardown.signals_interrupt(), Lab(
             instance=instance and check_instance(instance), layout=layout.value,
-            identity_path=identity_file, family=family,
+            identity_path=identity_file, family=family, proxy=proxy.value,
         ) as lab:
             client = lab.start_pod(FRONTEND)
             backend = lab.start_pod(CART)
@@ -185,6 +219,7 @@ def up(
             typer.echo("\n".join([
                 f"lab {lab.instance} is up ({lab.layout} layout, IPv{lab.plan.version}"
                 f"{' on a dual-stack node' if len(lab.plans) > 1 else ''}):",
+                f"  Service rules   {lab.proxy.description}",
                 f"  node netns      {lab.node_netns}",
                 f"  fabric netns    {lab.names.fabric_netns}",
                 f"  client          {client.namespace}/{client.name} {client.ip}  "
@@ -196,7 +231,7 @@ def up(
                 f"  ip netns exec {client.netns} {sys.executable} -m cttrace.lab.podclient "
                 f"--src {client.ip} --sport 40000 --dst {cart.vip} --dport {cart.port} </dev/null",
                 f"  ip netns exec {lab.node_netns} conntrack -L -f ipv{lab.plan.version}",
-                f"  ip netns exec {lab.node_netns} {lab.plan.iptables}-save -t nat",
+                f"  ip netns exec {lab.node_netns} {_rules_dump(lab)}",
                 "Ctrl-C tears it down.",
             ]))
             threading.Event().wait()
@@ -212,12 +247,17 @@ def list_() -> None:
     typer.echo("scenarios:")
     for spec in SCENARIOS.values():
         typer.echo(f"  {spec.name:<16} {spec.summary}")
+    typer.echo(f"proxies (--proxy; each scenario runs with any of them, default {DEFAULT_PROXY}):")
+    for name, description in PROXY_SUMMARIES.items():
+        typer.echo(f"  {name:<16} {description}")
     instances = teardown.list_instances()
     typer.echo("instances:" if instances else "instances: none")
     for info in instances:
         owner = info.state.get("pid")
         status = f"running (pid {owner})" if info.owner_alive else "left over"
-        typer.echo(f"  {info.instance:<8} {status}; netns: {', '.join(info.netns) or 'none'}")
+        proxy = info.state.get("proxy", DEFAULT_PROXY)
+        typer.echo(f"  {info.instance:<8} {status}; rules by {proxy}; "
+                   f"netns: {', '.join(info.netns) or 'none'}")
     if any(not info.owner_alive for info in instances):
         typer.echo("remove leftovers with `cttrace lab down --all`")
 

@@ -92,6 +92,11 @@ class LabNames:
         return f"{self.netns_prefix}{pod_name}"
 
     @property
+    def control_netns(self) -> str:
+        """Where the real kube-apiserver and its etcd run (``--proxy kube-proxy`` only)."""
+        return f"{self.netns_prefix}ctrl"
+
+    @property
     def tag(self) -> str:
         """Put in iptables comments, so a ruleset dump says which lab wrote it."""
         return f"{PREFIX}-{self.instance}"
@@ -111,6 +116,15 @@ class LabNames:
     @property
     def bridge(self) -> str:
         return self._link("br")
+
+    @property
+    def control_link_node(self) -> str:
+        """The node end of the link to the control-plane namespace."""
+        return self._link("cp0")
+
+    @property
+    def control_link_control(self) -> str:
+        return self._link("cp1")
 
     def pod_link_node(self, slot: int) -> str:
         """The node ("host") end of a pod's veth."""

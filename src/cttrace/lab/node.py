@@ -38,6 +38,7 @@ inside their namespaces, iptables and sysctls run via ``ip netns exec``.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import shutil
@@ -50,7 +51,6 @@ from typing import Literal
 
 from cttrace.addr import is_ipv6
 from cttrace.events import Flow
-from cttrace.lab import kubeproxy
 from cttrace.lab.addressing import (
     AddressPlan,
     Family,
@@ -78,6 +78,7 @@ from cttrace.lab.preconditions import (
     require_tools,
 )
 from cttrace.lab.processes import ClientSession, PodServer
+from cttrace.lab.proxies import DEFAULT_PROXY, ServiceProxy, make_proxy
 from cttrace.lab.results import Attempt
 from cttrace.lab.teardown import signals_deferred, write_state
 
@@ -127,12 +128,15 @@ class Lab:
         state_root: Path = STATE_ROOT,
         keep: bool = False,
         family: Family | str = Family.V4,
+        proxy: str = DEFAULT_PROXY,
     ) -> None:
         if layout not in LAYOUTS:
             raise LabError(f"unknown lab layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+        self.family = Family.parse(family)
+        #: Who writes the Service rules (see cttrace.lab.proxies).
+        self.proxy: ServiceProxy = make_proxy(proxy, self.family)
         self.names = LabNames(instance or new_instance())
         self.layout: Layout = layout
-        self.family = Family.parse(family)
         self.plans = plans_for(self.family)  # every family the node has, IPv4 first
         self.plan = traffic_plan(self.family)  # the family scenarios connect over
         self.state_root = state_root
@@ -160,6 +164,22 @@ class Lab:
     def node_netns(self) -> str:
         """Where kube-proxy's rules and the conntrack table to watch live."""
         return self.names.node_netns
+
+    @property
+    def node_name(self) -> str:
+        return NODE_NAME
+
+    @property
+    def host_ip(self) -> str:
+        """The node's own address (pods' status.hostIP: its first family's)."""
+        return self.plans[0].host_ip
+
+    @property
+    def pod_cidr(self) -> str:
+        """The pods' network of the node's first family (kube-proxy's --cluster-cidr)."""
+        plan = self.plans[0]
+        net = plan.bridge_pod_net if self.layout == "bridge" else plan.routed_pod_net
+        return str(ipaddress.ip_network(f"{plan.pod_ip(net, 0)}/{plan.link_prefix}"))
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -192,15 +212,16 @@ class Lab:
         n = self.names
         # Creating the node namespace claims the instance: `ip netns add` fails if the name
         # exists, so two labs given the same id never take over each other's state.
-        self._add_netns(n.node_netns)
+        self.add_netns(n.node_netns)
         write_state(n, {
             "instance": self.instance, "pid": os.getpid(), "layout": self.layout,
             "family": self.family.value,
+            "proxy": self.proxy.name,
             "node_netns": n.node_netns, "identity_path": str(self.identity_path),
             "created": time.time(),
         }, self.state_root)
         self._identity = IdentityLog(self.identity_path)
-        self._add_netns(n.fabric_netns)
+        self.add_netns(n.fabric_netns)
         node, fabric = n.node_netns, n.fabric_netns
         # Set explicitly: a new namespace inherits the root namespace's IPv4 settings
         # (net.core.devconf_inherit_init_net=0 means "inherit" for IPv4).
@@ -227,6 +248,7 @@ class Lab:
                             *(f"addr add {p.bridge_ip}/{p.link_prefix} dev {n.bridge}{p.addr_flags}"
                               for p in self.plans),
                             f"link set {n.bridge} up"])
+        self.proxy.start(self)
         self.sync_rules()
 
     @property
@@ -242,6 +264,7 @@ class Lab:
         self._stop.set()
         with signals_deferred():
             if self._netns and not self.keep:
+                self.proxy.stop()
                 for pod in self.pods.values():
                     if pod.server is not None:
                         pod.server.kill()
@@ -301,11 +324,11 @@ class Lab:
             workload=workload, name=name, uid=str(uuid.uuid4()),
             replicaset_uid=self._replicaset_uids.setdefault(workload.replicaset, str(uuid.uuid4())),
             ip=ip, other_ips=tuple(a for a in ips if a != ip), node_name=NODE_NAME,
-            host_ip=self.plans[0].host_ip, netns=self.names.pod_netns(name),
+            host_ip=self.host_ip, netns=self.names.pod_netns(name),
             slot=next(self._slots), created_at=time.time(),
         )
         self.pods[name] = pod
-        self._add_netns(pod.netns)
+        self.add_netns(pod.netns)
         if self.has_ipv6:
             sysctl(pod.netns, _IPV6_NAMESPACE_SYSCTLS)  # before its veth end exists
         self._plumb(pod)
@@ -406,11 +429,8 @@ class Lab:
         self.sync_rules()
 
     def sync_rules(self) -> None:
-        """One kube-proxy sync: the node's nat and filter tables of each family rewritten
-        from ``services``."""
-        for plan in self.plans:
-            kubeproxy.apply_rules(self.node_netns, kubeproxy.render_rules(
-                self.services, tag=self.names.tag, plan=plan), plan)
+        """One kube-proxy sync: the node's Service rules made to match ``services``."""
+        self.proxy.sync(self.services)
 
     def set_bridge_nf_call_iptables(self, enabled: bool) -> None:
         """Whether bridged frames of the node's families traverse iptables/ip6tables (and
@@ -454,7 +474,8 @@ class Lab:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _add_netns(self, name: str) -> None:
+    def add_netns(self, name: str) -> None:
+        """Create network namespace ``name``, owned (and deleted) by this lab."""
         add_netns(name)
         self._netns.append(name)
 

@@ -87,6 +87,7 @@ class ScenarioResult:
     conntrack: dict[str, tuple[str, ...]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # kernel MIB counters read at the end
     options: dict[str, object] = field(default_factory=dict)
+    proxy: str = ""  # who wrote the Service rules (cttrace.lab.proxies), set by Scenario.play
 
     def step(self, name: str) -> Step:
         for step in self.steps:

@@ -21,6 +21,7 @@ test, a tracer's checker) to assert from the result.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from cttrace.lab.addressing import Family
 from cttrace.lab.node import Lab, Layout, ReadyCheck
 from cttrace.lab.plumbing import snmp_counters
 from cttrace.lab.preconditions import LabError
+from cttrace.lab.proxies import DEFAULT_PROXY
 from cttrace.lab.results import Attempt, Exchange, ScenarioResult, StepCallback
 from cttrace.lab.scenario_parts import (
     CART,
@@ -97,7 +99,7 @@ def recycled_ip(
     lab.set_endpoints(cart, [])
     story("endpoint-removed", f"API: Pod {cart_a.namespace}/{cart_a.name} DELETED, EndpointSlice "
                               f"{cart.namespace}/{cart.slice_name} has no endpoints; kube-proxy "
-                              "removed its KUBE-SEP chain")
+                              "removed the endpoint from its rules")
 
     pod_b = lab.start_pod(LEDGER, suffix="x2x7q", ips=cart_a.ips)
     lab.set_endpoints(ledger, [ledger_1, pod_b])
@@ -253,6 +255,14 @@ class Scenario:
     summary: str  # one line for `cttrace lab list` and --help
     run: Callable[..., ScenarioResult]  # (lab, *, wait_ready, on_step, **options)
 
+    def play(self, lab: Lab, *, wait_ready: ReadyCheck | None = None,
+             on_step: StepCallback | None = None, **options: Any) -> ScenarioResult:
+        """Run it on ``lab``; says first, and records in the result, who wrote the rules."""
+        if on_step is not None:
+            on_step(f"Service rules: {lab.proxy.description}")
+        result = self.run(lab, wait_ready=wait_ready, on_step=on_step, **options)
+        return dataclasses.replace(result, proxy=lab.proxy.name)
+
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s for s in (
@@ -291,11 +301,13 @@ def run_scenario(
     on_step: StepCallback | None = None,
     keep: bool = False,
     family: Family | str = Family.V4,
+    proxy: str = DEFAULT_PROXY,
     **options: Any,
 ) -> ScenarioResult:
-    """Build a lab for scenario ``name`` (on a node of IP ``family``: 4, 6 or dual), run it,
+    """Build a lab for scenario ``name`` (on a node of IP ``family``: 4, 6 or dual; its
+    Service rules written by ``proxy``, one of :data:`cttrace.lab.proxies.PROXIES`), run it,
     tear the lab down (unless ``keep``)."""
     scenario = get_scenario(name)
     with Lab(instance=instance, layout=scenario.layout, identity_path=identity_path,
-             keep=keep, family=family) as lab:
-        return scenario.run(lab, wait_ready=wait_ready, on_step=on_step, **options)
+             keep=keep, family=family, proxy=proxy) as lab:
+        return scenario.play(lab, wait_ready=wait_ready, on_step=on_step, **options)

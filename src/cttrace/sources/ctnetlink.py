@@ -278,6 +278,15 @@ assert len(_FAST_LAYOUTS) == 4
 _make = tuple.__new__  # _make(NamedTupleClass, (every field, in order))
 
 
+def translated(status: int, orig: Flow, reply: Flow) -> bool:
+    """Whether an entry's destination was translated: a NAT status bit (iptables/nftables
+    DNAT, nf_nat), or a reply that comes from another address than the one the client
+    connected to. The second is IPVS with ``net.ipv4.vs.conntrack=1`` (kube-proxy's IPVS
+    mode): ip_vs_update_conntrack() rewrites the reply tuple with nf_conntrack_alter_reply()
+    and sets no NAT status bit."""
+    return bool(status & NAT_MASK) or orig.dst != reply.src
+
+
 def _decode_fast(
     buf: bytes | bytearray | memoryview, start: int, end: int, kind: CtKind, ts: float
 ) -> CtEvent | int | None:
@@ -288,8 +297,8 @@ def _decode_fast(
     o_src, o_dst, o_sport, o_dport, r_src, r_dst, r_sport, r_dport, entry_id, status, state = (
         layout.values(buf, start)
     )
-    if not status & NAT_MASK:
-        return _FILTERED
+    if not status & NAT_MASK and o_dst == r_src:
+        return _FILTERED  # neither NATed nor translated by IPVS (see translated())
     text = address_text
     # CtEvent(kind, ts, entry_id, orig, reply, tcp_state, status, old_tcp_state=None, zone=0,
     # mark=0, source="netlink"), as _decode_entry makes it but without the NamedTuples'
@@ -337,8 +346,7 @@ def _decode_entry(
         a += (alen + 3) & ~3
     if orig < 0 or reply < 0:
         return _MALFORMED
-    # Cheapest test first: most irrelevant entries have no NAT bit.
-    if not has_status or not status & NAT_MASK:
+    if not has_status:
         return _FILTERED
     orig_flow = _decode_tuple(buf, orig, orig_end)
     if isinstance(orig_flow, int):
@@ -346,6 +354,8 @@ def _decode_entry(
     reply_flow = _decode_tuple(buf, reply, reply_end)
     if isinstance(reply_flow, int):
         return _MALFORMED  # the reply tuple of a TCP entry is TCP too
+    if not translated(status, orig_flow, reply_flow):
+        return _FILTERED
     tcp_state = _tcp_state(buf, protoinfo, protoinfo_end) if protoinfo >= 0 else None
     return CtEvent(kind, ts, entry_id, orig_flow, reply_flow, tcp_state, status, None, zone, mark)
 
@@ -483,11 +493,11 @@ _NLM_F_ACK = 0x4
 
 # --- classic BPF socket filter ------------------------------------------------
 # include/uapi/linux/filter.h and bpf_common.h
-_BPF_LD, _BPF_LDX, _BPF_JMP, _BPF_RET, _BPF_MISC = 0x00, 0x01, 0x05, 0x06, 0x07
+_BPF_LD, _BPF_LDX, _BPF_ST, _BPF_JMP, _BPF_RET, _BPF_MISC = 0x00, 0x01, 0x02, 0x05, 0x06, 0x07
 _BPF_W, _BPF_B = 0x00, 0x10
-_BPF_IMM, _BPF_ABS, _BPF_IND = 0x00, 0x20, 0x40
+_BPF_IMM, _BPF_ABS, _BPF_IND, _BPF_MEM = 0x00, 0x20, 0x40, 0x60
 _BPF_JEQ, _BPF_JSET = 0x10, 0x40
-_BPF_K = 0x00
+_BPF_K, _BPF_X = 0x00, 0x08
 _BPF_TAX = 0x00
 _SKF_AD_OFF = -0x1000
 _SKF_AD_NLATTR = 12  # A = offset of attr X, searched from offset A to the end (nla_find)
@@ -525,8 +535,9 @@ def nat_tcp_filter() -> bytes:
     It runs in netlink_broadcast (do_one_broadcast -> sk_filter) *before* the
     message is charged to the receive buffer, so what it rejects can neither
     fill the buffer nor cause ENOBUFS. It rejects a conntrack event whose
-    CTA_STATUS has no IPS_SRC_NAT/IPS_DST_NAT bit, or whose CTA_TUPLE_ORIG
-    protocol is not TCP, using the kernel's netlink-attribute ancillary loads
+    CTA_STATUS has no IPS_SRC_NAT/IPS_DST_NAT bit and whose reply source is
+    its original destination (not translated: see :func:`translated`), or
+    whose CTA_TUPLE_ORIG protocol is not TCP, using the kernel's netlink-attribute ancillary loads
     (bpf_skb_get_nlattr / bpf_skb_get_nlattr_nest, as libnetfilter_conntrack's
     nfct_filter does). Anything it cannot find it accepts: userspace decides
     and counts it, so the kernel filter can only ever drop what is certainly
@@ -560,11 +571,21 @@ def nat_tcp_filter() -> bytes:
             ]
         return [*steps, (_BPF_MISC | _BPF_TAX, None, None, 0)]
 
-    prog: list[_Insn] = [
+    prog: list[_Insn | str] = [
         *find(CTA_STATUS),
         # BPF word loads are big-endian, as ctnetlink stores CTA_STATUS.
         (_BPF_LD | _BPF_W | _BPF_IND, None, None, 4),
-        (jset, None, "reject", NAT_MASK),
+        (jset, "tcp", None, NAT_MASK),
+        # No NAT bit: keep it only if IPVS translated it (reply source != original
+        # destination, see translated()); IPv6 entries have no V4 attributes: accepted.
+        *find(CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_IP_V4_DST),
+        (_BPF_LD | _BPF_W | _BPF_IND, None, None, 4),
+        (_BPF_ST, None, None, 0),  # M[0] = original destination
+        *find(CTA_TUPLE_REPLY, CTA_TUPLE_IP, CTA_IP_V4_SRC),
+        (_BPF_LD | _BPF_W | _BPF_IND, None, None, 4),  # A = reply source
+        (_BPF_LDX | _BPF_MEM, None, None, 0),  # X = M[0]
+        (_BPF_JMP | _BPF_JEQ | _BPF_X, "reject", None, 0),
+        "tcp",
         *find(CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_PROTO_NUM),
         (ld_byte_x, None, None, 4),  # A = protocol number (u8)
         (jeq, None, "reject", IPPROTO_TCP),
@@ -576,12 +597,20 @@ def nat_tcp_filter() -> bytes:
         *find(CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE),
         (ld_byte_x, None, None, 4),  # A = TCP conntrack state (u8)
         *((jeq, "reject", None, state) for state in sorted(CLOSING_STATES)),
-        (_BPF_RET | _BPF_K, None, None, _ACCEPT),  # "accept"
-        (_BPF_RET | _BPF_K, None, None, _REJECT),  # "reject"
+        "accept",
+        (_BPF_RET | _BPF_K, None, None, _ACCEPT),
+        "reject",
+        (_BPF_RET | _BPF_K, None, None, _REJECT),
     ]
-    labels = {"accept": len(prog) - 2, "reject": len(prog) - 1}
+    insns: list[_Insn] = []
+    labels: dict[str, int] = {}
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(insns)  # a label names the instruction after it
+        else:
+            insns.append(item)
     out = bytearray()
-    for pc, (code, jt, jf, k) in enumerate(prog):
+    for pc, (code, jt, jf, k) in enumerate(insns):
         # Jump offsets are relative to the next instruction.
         jt_off = labels[jt] - pc - 1 if jt else 0
         jf_off = labels[jf] - pc - 1 if jf else 0

@@ -1,6 +1,15 @@
 #!/bin/sh
-# Build a real kube-apiserver once per machine, for the tests that need a real
-# Kubernetes API (tests/fixtures/kube.py), and print the path of the binary.
+# Build real Kubernetes binaries once per machine and print their paths, one a
+# line, in the order asked:
+#   scripts/build-kube.sh [COMPONENT...]     (default: kube-apiserver)
+# COMPONENT is a cmd/ directory of the Kubernetes tree. The tests use two:
+#   kube-apiserver  a real Kubernetes API (tests/fixtures/kube.py)
+#   kube-proxy      the real Service rules in the lab (cttrace lab run --proxy kube-proxy)
+# kube-controller-manager is deliberately not built: the lab writes the
+# Endpoints object itself at the moment it flips a pod's readiness, which is
+# what the endpoint controller does with its default batch period of 0, and a
+# controller-manager would also need nodes, a scheduler and pod ownership the
+# lab does not model.
 #
 # Source: Debian bookworm's own `kubernetes` source package (1.20.x, full
 # vendor/ tree, builds offline). Cached outside the repository; nothing built
@@ -18,14 +27,24 @@ set -eu
 
 KUBE_SRC_VERSION="${KUBE_SRC_VERSION:-1.20.5+really1.20.2-1.1+deb12u1}"
 CACHE="${CTTRACE_KUBE_CACHE:-/var/cache/cttrace}"
-OUT_DIR="$CACHE/kube-apiserver-$KUBE_SRC_VERSION"
-OUT="$OUT_DIR/kube-apiserver"
 BUILD="$CACHE/build"
+[ "$#" -gt 0 ] || set -- kube-apiserver
 
-log() { echo "build-kube-apiserver: $*" >&2; }
+log() { echo "build-kube: $*" >&2; }
 
-if [ -x "$OUT" ]; then
-    echo "$OUT"
+# Each binary is cached as $CACHE/<component>-<version>/<component>.
+out_of() { echo "$CACHE/$1-$KUBE_SRC_VERSION/$1"; }
+
+missing=""
+for c in "$@"; do
+    case "$c" in
+        *[!a-z-]* | "") log "not a cmd/ component name: '$c'"; exit 2 ;;
+    esac
+    [ -x "$(out_of "$c")" ] || missing="$missing $c"
+done
+print_all() { for c in "$@"; do out_of "$c"; done; }
+if [ -z "$missing" ]; then
+    print_all "$@"
     exit 0
 fi
 
@@ -92,7 +111,9 @@ if ! [ -d "$src" ]; then
     log "fetching source kubernetes=$KUBE_SRC_VERSION into $BUILD"
     (cd "$BUILD" && apt-get source -qq "kubernetes=$KUBE_SRC_VERSION" >&2)
 fi
-[ -d "$src/cmd/kube-apiserver" ] || { log "unexpected source layout: no $src/cmd/kube-apiserver"; exit 1; }
+for c in $missing; do
+    [ -d "$src/cmd/$c" ] || { log "unexpected source layout: no $src/cmd/$c"; exit 1; }
+done
 
 # --- reflect2 1.0.1 -> Debian's 1.0.2 -------------------------------------------
 debian_reflect2=/usr/share/gocode/src/github.com/modern-go/reflect2
@@ -108,7 +129,10 @@ if ! grep -qs 'cttrace: replaced' "$vendored/CTTRACE-REPLACED"; then
 fi
 
 # --- build ---------------------------------------------------------------------
-log "building cmd/kube-apiserver (several minutes on 2 cores)"
+what=""
+for c in $missing; do what="$what cmd/$c"; done
+what="${what# }"
+log "building $what (several minutes each on 2 cores)"
 start=$(date +%s)
 (
     cd "$src"
@@ -116,17 +140,21 @@ start=$(date +%s)
     # trusts; the Go build cache (GOCACHE) keeps what was compiled anyway.
     rm -rf _output .make
     export GOCACHE="$BUILD/gocache"
-    CGO_ENABLED=0 make WHAT=cmd/kube-apiserver >&2
+    CGO_ENABLED=0 make WHAT="$what" >&2
 )
-built="$src/_output/local/bin/linux/$(dpkg --print-architecture)/kube-apiserver"
-[ -x "$built" ] || built="$src/_output/bin/kube-apiserver"
-[ -x "$built" ] || { log "build finished but no kube-apiserver binary found under $src/_output"; exit 1; }
 log "built in $(( $(date +%s) - start )) s"
 
-mkdir -p "$OUT_DIR"
-cp "$built" "$OUT.tmp"
-mv "$OUT.tmp" "$OUT"
+arch="$(dpkg --print-architecture)"
+for c in $missing; do
+    built="$src/_output/local/bin/linux/$arch/$c"
+    [ -x "$built" ] || built="$src/_output/bin/$c"
+    [ -x "$built" ] || { log "build finished but no $c binary found under $src/_output"; exit 1; }
+    out="$(out_of "$c")"
+    mkdir -p "$(dirname "$out")"
+    cp "$built" "$out.tmp"
+    mv "$out.tmp" "$out"
+done
 
-# The source tree, Go caches and _output are ~2 GB: drop them, keep the binary.
+# The source tree, Go caches and _output are ~2 GB: drop them, keep the binaries.
 rm -rf "$BUILD"
-echo "$OUT"
+print_all "$@"

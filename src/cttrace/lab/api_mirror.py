@@ -2,9 +2,9 @@
 
 The lab writes, the moment it changes something, the watch event an API server
 would send (:mod:`cttrace.lab.identity_log`). :class:`KubeMirror` follows that
-file as it grows and makes each event true in a real kube-apiserver
-(tests/fixtures/kube.py), doing what the controllers and the kubelet would have
-done:
+file as it grows and makes each event true in a real kube-apiserver (the lab's
+own control plane for ``--proxy kube-proxy``, or a test's), doing what the
+controllers and the kubelet would have done:
 
 * Pod ADDED: create the Pod (a real API takes no status on create), then report
   its status (phase, hostIP, podIP) through the status subresource, as the
@@ -42,6 +42,8 @@ import orjson
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from cttrace.netns import entered_netns
+
 #: Metadata the API server sets itself; the lab's values for them cannot be sent.
 SERVER_SET_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation",
                        "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields",
@@ -56,13 +58,18 @@ class MirrorError(Exception):
 
 class KubeMirror:
     """Follows ``identity_path`` and applies each event through ``api`` (a
-    ``kubernetes.client.ApiClient``) in a thread of its own; use as a context manager."""
+    ``kubernetes.client.ApiClient``) in a thread of its own; use as a context manager.
+
+    ``netns``: the thread runs inside this network namespace, so the API's
+    connections are opened there (an API server that only listens inside the lab).
+    """
 
     def __init__(self, identity_path: Path, api: Any, *, slice_version: str = "v1",
-                 poll_s: float = 0.02) -> None:
+                 poll_s: float = 0.02, netns: str | None = None) -> None:
         self.identity_path = identity_path
         self.slice_version = slice_version
         self.poll_s = poll_s
+        self.netns = netns
         # Any: the client's models are typed; dict bodies are what the API itself takes.
         self._api: Any = api
         self._core: Any = client.CoreV1Api(api)
@@ -128,29 +135,33 @@ class KubeMirror:
     # -- the mirror's thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        offset = 0
-        partial = b""
         try:
-            while not self._stop.is_set():
-                with self.identity_path.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                offset += len(chunk)
-                *lines, partial = (partial + chunk).split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        read_at = time.monotonic()
-                        self._apply(orjson.loads(line))
-                        self.latencies.append(time.monotonic() - read_at)
-                    with self._cond:
-                        self._applied += 1
-                        self._cond.notify_all()
-                if not lines:
-                    self._stop.wait(self.poll_s)
+            with entered_netns(self.netns):
+                self._follow()
         except BaseException as err:  # handed to the caller by wait_caught_up() / close()
             with self._cond:
                 self._error = err
                 self._cond.notify_all()
+
+    def _follow(self) -> None:
+        offset = 0
+        partial = b""
+        while not self._stop.is_set():
+            with self.identity_path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            *lines, partial = (partial + chunk).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    read_at = time.monotonic()
+                    self._apply(orjson.loads(line))
+                    self.latencies.append(time.monotonic() - read_at)
+                with self._cond:
+                    self._applied += 1
+                    self._cond.notify_all()
+            if not lines:
+                self._stop.wait(self.poll_s)
 
     def _apply(self, event: Obj) -> None:
         etype, obj = event["type"], event["object"]
