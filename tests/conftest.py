@@ -33,3 +33,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"kernel tier cannot run: {reason}", pytrace=False)
     pytest.skip(f"kernel tier: {reason}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A VM-tier host test marked ``vm_boot_only(release, ...)`` exists for those kernels'
+    boots only (tests/test_vm_tier.py ONE_KERNEL): its other kernels are deselected."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("vm_boot_only")
+        callspec = getattr(item, "callspec", None)
+        if marker is not None and callspec is not None \
+                and callspec.params.get("vm_tier") not in marker.args:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
