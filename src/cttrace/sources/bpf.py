@@ -43,6 +43,7 @@ from cttrace.sources.bpf_layout import (
     DecodeError,
     decode,
 )
+from cttrace.sources.kprobe_events import usable_maxactive
 from cttrace.sources.probe import SEND_RESET_KPROBE, BpfFeatures, check_bpf
 
 #: Concatenated in this order; each .bpf.c file's ``#include "cttrace.h"`` is
@@ -357,7 +358,7 @@ class BpfSource:
 
     def _attach(self, settings: BpfSettings) -> None:
         bpf = self._bpf
-        maxactive = settings.kretprobe_maxactive
+        maxactive = usable_maxactive(settings.kretprobe_maxactive)
         probes = list(_KPROBES)
         if settings.send_reset == "kprobe":
             probes.append((SEND_RESET_KPROBE, "ctt_send_reset_enter", None))
