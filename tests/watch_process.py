@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,14 @@ Line = dict[str, Any]
 
 
 class WatchProcess:
-    def __init__(self, args: list[str], ready_file: Path, *, command: str = "watch") -> None:
+    def __init__(self, args: list[str], ready_file: Path, *, command: str = "watch",
+                 wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command that execs its arguments (e.g. one that drops privileges)."""
         self.ready_file = ready_file
         ready_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cttrace", command, *args, "--ready-file", str(ready_file)],
+            [*wrapper, sys.executable, "-m", "cttrace", command, *args,
+             "--ready-file", str(ready_file)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

@@ -37,7 +37,7 @@ import pytest
 from cttrace.identity.model import PodRef
 from cttrace.lab.background import BackgroundScenario
 from cttrace.lab.plumbing import in_netns, lab_netns
-from cttrace.lab.results import ScenarioResult
+from cttrace.lab.results import ScenarioResult, StepCallback
 from tests import agent_http
 from tests.agent_http import Samples
 from tests.fixtures.alertmanager import Alertmanager, alertmanager, free_port  # noqa: F401
@@ -114,17 +114,19 @@ class Agent:
 
 @contextmanager
 def agent_on_lab(tmp_path: Path, *args: str, identity_link: bool = False,
+                 on_step: StepCallback | None = None,
                  ) -> Iterator[tuple[BackgroundScenario, Agent, threading.Event]]:
     """The recycled-ip lab (built, its scenario waiting for ``go``) and an agent on its node.
 
     ``identity_link``: the agent follows ``tmp_path/identity.jsonl``, which does not exist
     yet (the identity writer has not started); the test links it to the lab's file when it
     wants identity to arrive. Otherwise the agent follows the lab's identity file directly.
+    ``on_step`` is called (in the scenario's thread) after each step of the scenario.
     """
     go = threading.Event()
     lab_identity = tmp_path / "lab-identity.jsonl"
     with BackgroundScenario("recycled-ip", identity_path=lab_identity,
-                            wait_ready=go.is_set) as bg:
+                            wait_ready=go.is_set, on_step=on_step) as bg:
         identity = tmp_path / "identity.jsonl" if identity_link else lab_identity
         agent = Agent(tmp_path, "--source", "netlink", "--netns", bg.node_netns,
                       "--identity-file", str(identity), *args)

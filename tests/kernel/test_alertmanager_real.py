@@ -3,21 +3,27 @@
 What a user relies on: the alert shows up in Alertmanager's own API with the
 labels routes and silences match on; an Alertmanager that is down while a
 finding happens still gets it when it comes back; a full queue drops (and
-counts) only the excess; a one-shot alert resolves after its hold.
+counts) only the excess, the least severe first, in a JSON log line; a one-shot
+alert resolves after its hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from cttrace.events import Flow
 from cttrace.findings import Finding, Severity
 from cttrace.identity.model import PodRef, ServiceRef
+from cttrace.json_log import logging_to
 from cttrace.sinks.alertmanager import AlertmanagerSink
+from cttrace.sinks.jsonl import JsonLinesSink
 from tests.fixtures.alertmanager import Alertmanager, alertmanager  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.kernel
@@ -129,6 +135,33 @@ def test_queue_bound_drops_only_the_excess(
     assert sorted(a["labels"]["tuple"] for a in alerts) == [  # type: ignore[index]
         f"10.0.1.5:{40000 + i}->10.96.0.10:80" for i in range(3)]
     assert sink.stats()["queue_depth"] == 3
+
+
+def test_a_critical_displaces_an_undelivered_warning_and_the_drop_is_a_json_line(
+        alertmanager: Alertmanager,  # noqa: F811 (fixture)
+        make_sink: Callable[..., AlertmanagerSink]) -> None:
+    alertmanager.stop()
+    out = io.BytesIO()
+    log = JsonLinesSink(out)  # the agent's stdout: one JSON object per line
+    sink = make_sink([alertmanager.url], queue_max=1)
+    warning = dataclasses.replace(wrong_pod(40001), rule="late-establish",
+                                  severity=Severity.WARNING)
+    with logging_to(log.note):
+        sink.submit(warning)
+        wait_until(lambda: sink.stats()["failed"] >= 1, "a failed delivery of the warning")
+        sink.submit(wrong_pod(40002))  # the queue holds one undelivered alert: the warning
+    (line,) = [orjson.loads(raw) for raw in out.getvalue().splitlines()
+               if b'"dropped"' in raw]
+    assert line["kind"] == "log" and line["level"] == "warning"
+    assert line["dropped"]["alertname"] == "CttraceLateEstablish"
+    assert line["dropped"]["tuple"] == "10.0.1.5:40001->10.96.0.10:80"
+    assert sink.stats()["dropped"] == 1
+
+    alertmanager.start()
+    alertmanager.wait_for_alert({"alertname": "CttraceWrongPod",
+                                 "tuple": "10.0.1.5:40002->10.96.0.10:80"})
+    wait_until(lambda: sink.stats()["sent"] >= 1, "the sink to count the delivery")
+    assert alertmanager.alerts({"alertname": "CttraceLateEstablish"}) == []
 
 
 def test_one_shot_alert_resolves_after_its_hold(

@@ -319,9 +319,13 @@ def test_closing_a_background_scenario_stops_it(instance: str) -> None:
     assert_torn_down(instance)
 
 
-def test_down_all_removes_what_a_killed_lab_left(instance: str) -> None:
+def test_down_all_removes_what_a_killed_lab_left_and_nobody_elses(instance: str) -> None:
     # In a private mount namespace with empty /run/netns and /run/cttrace-lab, so that
-    # `down --all` sees only this test's lab, never the namespaces of anyone else.
+    # `down --all` sees only this test's namespaces, never those of anyone else.
+    # Beside the killed lab, another user's namespaces that merely look like a lab's: one
+    # with the lab's own prefix, one like another lab's node. `down --all` must leave both.
+    other = new_instance()
+    foreign = [f"ctl-{instance}-web", f"ctl-{other}-node"]
     py = sys.executable
     script = f"""
 set -e
@@ -337,9 +341,12 @@ lab.build()
 print(lab.start_pod(FRONTEND).server.pid, flush=True)
 os._exit(0)  # dies without tearing down
 '
+for ns in {" ".join(foreign)}; do ip netns add "$ns"; done
 {py} -m cttrace.lab.cli list
 {py} -m cttrace.lab.cli down --all
-echo "netns left: $(ip netns list | wc -l), state left: $(ls -A {STATE_ROOT} | wc -l)"
+echo "netns left: $(ip netns list | cut -d' ' -f1 | sort | tr '\n' ' ')"
+echo "state left: $(ls -A {STATE_ROOT} | wc -l)"
+for ns in {" ".join(foreign)}; do ip netns del "$ns"; done
 """
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                           capture_output=True, text=True, timeout=60)
@@ -348,8 +355,12 @@ echo "netns left: $(ip netns list | wc -l), state left: $(ls -A {STATE_ROOT} | w
     server_pid = int(lines[0])
     try:
         assert any(line.split()[:3] == [instance, "left", "over;"] for line in lines), proc.stdout
+        listed = [line for line in lines if line.startswith(f"  {instance} ")]
+        assert len(listed) == 1 and "-web" not in listed[0], proc.stdout
+        assert not any(line.startswith(f"  {other} ") for line in lines), proc.stdout
         assert f"removed lab instances: {instance}" in lines
-        assert lines[-1] == "netns left: 0, state left: 0"
+        assert lines[-2].split(": ", 1)[1].split() == sorted(foreign)
+        assert lines[-1] == "state left: 0"
         wait_exited([server_pid], deadline_s=5.0)
     finally:
         with contextlib.suppress(ProcessLookupError):

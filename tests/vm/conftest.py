@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -61,10 +61,11 @@ class DrainedWatchProcess(WatchProcess):
     """A :class:`WatchProcess` whose stderr is read as it comes: BCC prints its
     compiler's warnings there, and a full pipe would stop the process."""
 
-    def __init__(self, args: list[str], ready_file: Path, *, command: str = "watch") -> None:
+    def __init__(self, args: list[str], ready_file: Path, *, command: str = "watch",
+                 wrapper: Sequence[str] = ()) -> None:
         os.environ["PYTHONFAULTHANDLER"] = "1"  # for diagnose(): Python stacks on SIGABRT
         try:
-            super().__init__(args, ready_file, command=command)
+            super().__init__(args, ready_file, command=command, wrapper=wrapper)
         finally:
             del os.environ["PYTHONFAULTHANDLER"]
         self._err = bytearray()
@@ -167,34 +168,44 @@ class SharedWatch:
         )
 
     def follow(self, identity: Path) -> None:
-        tmp = self.dir / "identity.jsonl.new"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(identity)
-        os.replace(tmp, self.link)
+        point(self.link, identity)
 
     def caught_up(self, identity: Path) -> bool:
         """The watch process holds ``identity`` open and has read all of it."""
-        want = os.path.realpath(identity)
-        pid = self.process.proc.pid
-        try:
-            size = os.stat(want).st_size
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") != want:
-                        continue
-                    info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-                except OSError:
-                    continue
-                pos = int(info.split("pos:", 1)[1].split()[0])
-                return pos >= size
-        except OSError:
-            return False
-        return False
+        return has_read(self.process.proc.pid, identity)
 
     def close(self) -> None:
         """Kill it if still running; keep what it printed in the results directory."""
         self.process.save(OUT_DIR / "watch.log")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def point(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target`` in one step (a follower of ``link`` sees a new
+    inode at the path and starts over on it)."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def has_read(pid: int, path: Path) -> bool:
+    """Process ``pid`` holds ``path`` open and has read all of it."""
+    want = os.path.realpath(path)
+    try:
+        size = os.stat(want).st_size
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != want:
+                    continue
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+            except OSError:
+                continue
+            pos = int(info.split("pos:", 1)[1].split()[0])
+            return pos >= size
+    except OSError:
+        return False
+    return False
 
 
 class SharedAgent:

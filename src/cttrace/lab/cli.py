@@ -267,8 +267,9 @@ def down(
     instance: InstanceOpt = None,
     all_: Annotated[bool, typer.Option(
         "--all",
-        help="Remove every lab instance: all ctl-* network namespaces (their processes are "
-             "killed first) and all state under /run/cttrace-lab.",
+        help="Remove every lab instance: every network namespace a lab created (their "
+             "processes are killed first) and all state under /run/cttrace-lab. Each lab marks "
+             "the namespaces it creates; other ctl-* namespaces are never touched.",
     )] = False,
 ) -> None:
     """Remove a lab that did not tear itself down (its process was killed, the shell closed)."""

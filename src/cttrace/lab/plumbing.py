@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
+from cttrace.lab.ownership import claim
 from cttrace.lab.preconditions import LabError
 from cttrace.netns import list_named_netns
 
@@ -68,7 +69,10 @@ def snmp_counters(netns: str) -> dict[str, int]:
 
 
 def add_netns(name: str) -> None:
+    """Create ``name`` and mark it as the lab's (only marked namespaces are ever removed
+    by ``cttrace lab down``)."""
     run(["ip", "netns", "add", name])
+    claim(name)
 
 
 def lab_netns(prefix: str) -> list[str]:

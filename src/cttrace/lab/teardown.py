@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cttrace.lab.naming import PREFIX, STATE_ROOT, LabNames, instance_of_netns
+from cttrace.errors import UserError
+from cttrace.lab.naming import PREFIX, STATE_ROOT, LabNames, check_instance, instance_of_netns
+from cttrace.lab.ownership import owned
 from cttrace.lab.plumbing import delete_netns, lab_netns
 
 STATE_FILE = "lab.json"
@@ -53,15 +55,16 @@ def write_state(names: LabNames, state: dict[str, Any], root: Path = STATE_ROOT)
 
 
 def list_instances(root: Path = STATE_ROOT) -> list[InstanceInfo]:
-    """Every lab instance that has a namespace or a state directory here."""
+    """Every lab instance that has a namespace it created (:mod:`ownership`) or a state
+    directory here. Namespaces that only look like a lab's are not listed."""
     by_instance: dict[str, list[str]] = {}
-    for netns in lab_netns(f"{PREFIX}-"):
+    for netns in lab_namespaces(f"{PREFIX}-", root):
         instance = instance_of_netns(netns)
         if instance is not None:
             by_instance.setdefault(instance, []).append(netns)
     if root.is_dir():
         for entry in root.iterdir():
-            if entry.is_dir():
+            if entry.is_dir() and _is_instance(entry.name):
                 by_instance.setdefault(entry.name, [])
     return [
         InstanceInfo(instance, tuple(sorted(netns)), _read_state(root / instance))
@@ -77,14 +80,28 @@ def _read_state(directory: Path) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+def _is_instance(name: str) -> bool:
+    try:
+        check_instance(name)
+    except UserError:
+        return False
+    return True
+
+
+def lab_namespaces(prefix: str, root: Path = STATE_ROOT) -> list[str]:
+    """The namespaces named ``prefix...`` that a lab created: never anyone else's."""
+    return [netns for netns in lab_netns(prefix) if owned(netns, root)]
+
+
 def remove_instance(names: LabNames, root: Path = STATE_ROOT) -> list[str]:
-    """Kill every process in the instance's namespaces, delete them, remove its state dir.
+    """Kill every process in the namespaces the instance created, delete them, remove its
+    state dir. Namespaces that only carry its prefix (another user's) are left alone.
 
     Pod namespaces go first and node and fabric last, so that no pod is ever
     left routed to a node that no longer exists. Returns the deleted namespaces.
     """
     infrastructure = {names.node_netns, names.fabric_netns}
-    found = lab_netns(names.netns_prefix)
+    found = lab_namespaces(names.netns_prefix, root)
     ordered = sorted(found, key=lambda netns: netns in infrastructure)
     for netns in ordered:
         delete_netns(netns)

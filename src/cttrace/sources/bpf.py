@@ -56,6 +56,7 @@ from cttrace.sources.bpf_layout import (
     tracked_events,
     tracked_flows,
 )
+from cttrace.sources.kprobe_events import usable_maxactive
 from cttrace.sources.probe import SEND_RESET6_KPROBE, SEND_RESET_KPROBE, BpfFeatures, check_bpf
 
 #: Concatenated in this order; each .bpf.c file's ``#include "cttrace.h"`` is
@@ -534,7 +535,7 @@ class BpfSource:
 
     def _attach(self, settings: BpfSettings) -> None:
         bpf = self._bpf
-        maxactive = settings.kretprobe_maxactive
+        maxactive = usable_maxactive(settings.kretprobe_maxactive)
         probes = list(_KPROBES)
         if settings.fentry:
             # BCC attached it when it loaded the program; again after a detach().
