@@ -96,3 +96,23 @@ def test_the_check_is_in_the_json_report_and_warn_keeps_exit_code_0() -> None:
     check = report["checks"][-1]
     assert check["id"] == "bpf-source" and check["verdict"] == "warn"
     assert check["observed"]["kprobes"] is False
+
+
+def test_debians_default_perf_event_paranoid_is_named_for_the_daemonset() -> None:
+    """Level 3 (Debian's default) refuses kprobes to an agent without CAP_SYS_ADMIN: a node
+    where root compiles and attaches is still one where the DaemonSet would fall back."""
+    result = check_bpf_source(ready(perf_event_paranoid=3))
+    assert result.verdict is Verdict.WARN
+    assert "kernel.perf_event_paranoid=3 refuses perf events" in result.summary
+    assert result.fix is not None and "sysctl -w kernel.perf_event_paranoid=2" in result.fix
+    assert result.observed["perf_event_paranoid"] == 3
+    assert check_bpf_source(ready(perf_event_paranoid=2)).verdict is Verdict.PASS
+
+
+def test_perf_event_paranoid_is_read_from_the_node(tmp_path: Path) -> None:
+    view = host_like(tmp_path)
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "proc/sys/kernel/perf_event_paranoid").write_text("3\n")
+    seen = probe_bpf_readiness(view, compile_program=False)
+    assert seen.perf_event_paranoid == 3
+    assert "kernel.perf_event_paranoid=3" in check_bpf_source(seen).summary

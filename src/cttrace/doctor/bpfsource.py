@@ -31,6 +31,12 @@ CHECK_ID = "bpf-source"
 #: Kernel BTF: what fentry/fexit programs are checked against (CONFIG_DEBUG_INFO_BTF).
 BTF_VMLINUX = "sys/kernel/btf/vmlinux"
 KHEADERS = "sys/kernel/kheaders.tar.xz"
+PERF_EVENT_PARANOID = "proc/sys/kernel/perf_event_paranoid"
+#: Above this, Debian's kernels (their own patch to perf_event_open(); level 3 is their
+#: default) refuse every perf event to a process without CAP_SYS_ADMIN, whatever else it
+#: holds (CAP_PERFMON included): the DaemonSet's kprobes are perf events, so its agent
+#: could not attach.
+PARANOID_MAX_WITHOUT_SYS_ADMIN = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,8 @@ class BpfReadiness:
     compile: str
     """``ok``, ``ok (supplied struct …)``, ``failed: <one line>`` or ``not tried: …``."""
     supplied: list[str] = field(default_factory=list)
+    perf_event_paranoid: int | None = None
+    """kernel.perf_event_paranoid, None when unreadable."""
 
 
 def _headers(view: KernelView) -> tuple[str | None, str | None]:
@@ -85,7 +93,26 @@ def probe_bpf_readiness(view: KernelView | None = None, compile_program: bool = 
     else:
         compile_result, supplied = _compile_probe()
     return BpfReadiness(release, root, bcc, kprobes_problem, fentry, headers, headers_problem,
-                        compile_result, supplied)
+                        compile_result, supplied, _perf_event_paranoid(view))
+
+
+def _perf_event_paranoid(view: KernelView) -> int | None:
+    try:
+        return int(view.path(PERF_EVENT_PARANOID).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _paranoid_problem(seen: BpfReadiness) -> str | None:
+    level = seen.perf_event_paranoid
+    if level is None or level <= PARANOID_MAX_WITHOUT_SYS_ADMIN:
+        return None
+    return (f"kernel.perf_event_paranoid={level} refuses perf events (kprobes are) to an "
+            "agent without CAP_SYS_ADMIN, as the DaemonSet runs")
+
+
+PARANOID_FIX = (f"sysctl -w kernel.perf_event_paranoid={PARANOID_MAX_WITHOUT_SYS_ADMIN}"
+                "   # and keep it in /etc/sysctl.d/ (deploy/README.md)")
 
 
 def _compile_probe() -> tuple[str, list[str]]:
@@ -120,6 +147,14 @@ def check_bpf_source(seen: BpfReadiness) -> CheckResult:
     }
     if seen.supplied:
         observed["supplied_structs"] = seen.supplied
+    if seen.perf_event_paranoid is not None:
+        observed["perf_event_paranoid"] = seen.perf_event_paranoid
+    paranoid = _paranoid_problem(seen)
+    if seen.compile.startswith("ok") and paranoid:
+        return CheckResult(CHECK_ID, Verdict.WARN,
+                           f"the bpf source compiles on {seen.release} ({seen.compile}), but "
+                           f"{paranoid}: it would fall back to --source netlink",
+                           observed, PARANOID_FIX)
     if seen.compile.startswith("ok"):
         return CheckResult(CHECK_ID, Verdict.PASS,
                            f"the bpf source can run on {seen.release}: kprobes, headers at "
@@ -146,6 +181,9 @@ def check_bpf_source(seen: BpfReadiness) -> CheckResult:
         problems.append(f"the program does not compile: {seen.compile.removeprefix('failed: ')}")
         fix.append("# a newer BCC (python3-bpfcc) may know this kernel; until then cttrace "
                    "uses --source netlink")
+    if paranoid:
+        problems.append(paranoid)
+        fix.append(PARANOID_FIX)
     if not problems:  # not tried for another reason
         problems.append(f"the compile was {seen.compile}")
     return CheckResult(
