@@ -141,18 +141,32 @@ def vm_tier(request: pytest.FixtureRequest,
     return run
 
 
+def base_name(reported: str) -> str:
+    """``module::test`` of a reported result (a parametrized guest test reports
+    ``module::test[param]``, one result per parameter)."""
+    return reported.split("[", 1)[0]
+
+
 def check_guest_test(vm_tier: TierRun, name: str) -> None:
-    """Pass, fail or skip as guest test ``name`` (``module::test``) did in the VM."""
-    if name not in vm_tier.results:
+    """Pass, fail or skip as guest test ``name`` (``module::test``) did in the VM: every
+    parameter of a parametrized guest test must have passed."""
+    runs = {reported: result for reported, result in vm_tier.results.items()
+            if base_name(reported) == name}
+    if not runs:
         pytest.fail(f"the guest reported no result for {name} (runner exit {vm_tier.rc}; "
                     f"results in {vm_tier.out_dir}):\n{vm_tier.tail()}", pytrace=False)
-    outcome, message = vm_tier.results[name]
-    if outcome == "skipped":
+    failed = {reported: (outcome, message) for reported, (outcome, message) in runs.items()
+              if outcome not in ("passed", "skipped")}
+    if failed:
+        pytest.fail("\n".join(f"{reported}: {outcome} in the VM:\n{message}"
+                              for reported, (outcome, message) in failed.items()), pytrace=False)
+    skipped = [f"{reported}: {message}" for reported, (outcome, message) in runs.items()
+               if outcome == "skipped"]
+    if skipped:
         if os.environ.get("CI"):
-            pytest.fail(f"skipped in the VM, which CI does not allow: {message}", pytrace=False)
-        pytest.skip(f"in the VM: {message}")
-    if outcome != "passed":
-        pytest.fail(f"{outcome} in the VM:\n{message}", pytrace=False)
+            pytest.fail(f"skipped in the VM, which CI does not allow: {'; '.join(skipped)}",
+                        pytrace=False)
+        pytest.skip(f"in the VM: {'; '.join(skipped)}")
 
 
 def _host_test(name: str) -> Callable[[TierRun], None]:
@@ -182,7 +196,8 @@ def test_vm_run_was_clean(vm_tier: TierRun) -> None:
     kernel = KERNEL_IDS[vm_tier.expected_release]
     expected = {name for name in guest_tests()
                 if ONE_KERNEL.get(name.split("::", 1)[0], kernel) == kernel}
-    unknown = sorted(set(vm_tier.results) - expected)
+    unknown = sorted(reported for reported in vm_tier.results
+                     if base_name(reported) not in expected)
     assert not unknown, f"the guest reported tests this file does not know: {unknown}"
     booted = vm_tier.out_dir / "guest" / "kernel"
     assert booted.exists() and booted.read_text().strip() == vm_tier.expected_release, (

@@ -215,7 +215,9 @@ def test_confined_agent_attaches_the_bpf_source_and_names_the_wrong_pod(
     assert agent_http.get(confined_agent.port, "/healthz") == (200, "source attached\n")
 
     identity = confined_agent.dir / "identity-recycled-ip.jsonl"
-    with BackgroundScenario("recycled-ip", identity_path=identity,
+    # Its own client port: the session's shared bpf watch sees this run too, and
+    # test_watch_bpf's recycled-ip looks its findings up by flow.
+    with BackgroundScenario("recycled-ip", identity_path=identity, sport=40126,
                             wait_ready=lambda: has_read(agent.proc.pid, identity)) as bg:
         point(confined_agent.link, identity)  # the lab created it: the agent follows it now
         result = bg.result(timeout=120)
