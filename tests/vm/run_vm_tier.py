@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -130,12 +131,11 @@ def vng_argv(vng: Path, kernel: Path, out: Path, guest: str, memory: str,
 
 def vng_command(vng: Path, kernel: Path, out: Path, pytest_args: list[str],
                 memory: str, cpus: int) -> list[str]:
-    guest = " ".join(
-        [
-            "sh", str(GUEST_SCRIPT), str(out), sys.executable,
-            f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args,
-        ]
-    )
+    # The guest runs this line in a shell: each word quoted (a -k expression has spaces).
+    guest = " ".join(shlex.quote(word) for word in [
+        "sh", str(GUEST_SCRIPT), str(out), sys.executable,
+        f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args,
+    ])
     return vng_argv(vng, kernel, out, guest, memory, cpus)
 
 
