@@ -22,8 +22,7 @@ and the id tells a new entry from an old one at the same tuple.
 Every operation is O(1) (amortised): one append per entry to a creation-order
 queue; eviction pops from its front, moving still-unreplied entries to a second
 queue that is used only when the first is empty; both queues drop references
-to forgotten entries when either grows past twice the live count at the last
-compaction (plus slack), so an add costs one length check, not a sum of three.
+to forgotten entries when they grow past twice the live count.
 """
 
 from __future__ import annotations
@@ -77,8 +76,6 @@ class EntryTable(Generic[E]):
         self._live: dict[Key, E] = {}
         self._by_age: collections.deque[E] = collections.deque()
         self._waiting: collections.deque[E] = collections.deque()  # unreplied when last seen
-        #: Queue length past which the queues are compacted (set by each compaction).
-        self._compact_at = _SLACK
         #: Entries evicted, by reason (:data:`REASONS`).
         self.evicted: dict[str, int] = dict.fromkeys(REASONS, 0)
         # The read path is the dict's own C methods (one lookup per event).
@@ -106,11 +103,10 @@ class EntryTable(Generic[E]):
         """Track ``entry`` (no live entry may have its tuple); returns the one evicted, if any."""
         live = self._live
         live[entry.orig_tuple] = entry
-        by_age = self._by_age
-        by_age.append(entry)
+        self._by_age.append(entry)
         if len(live) > self.limit:
             return self._evict()
-        if len(by_age) > self._compact_at:
+        if len(self._by_age) + len(self._waiting) > 2 * len(live) + _SLACK:
             self._compact()
         return None
 
@@ -140,9 +136,6 @@ class EntryTable(Generic[E]):
             reason = self.reason(entry)
             if reason == UNREPLIED:
                 self._waiting.append(entry)  # a rule may still fire: last to go
-                if len(self._waiting) > self._compact_at:
-                    self._compact()
-                    by_age = self._by_age
                 continue
             return self._drop(entry, reason)
         waiting = self._waiting
@@ -164,4 +157,3 @@ class EntryTable(Generic[E]):
 
         self._by_age = alive(self._by_age)
         self._waiting = alive(self._waiting)
-        self._compact_at = 2 * len(live) + _SLACK
