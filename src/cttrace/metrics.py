@@ -214,6 +214,10 @@ _BPF_COUNTERS = {
     "kprobe_misses": (
         "cttrace_kprobe_misses",
         "Kernel function calls a kprobe missed (the kernel's own count, kprobe_profile)."),
+    "trampoline_misses": (
+        "cttrace_trampoline_misses",
+        "Runs of fentry/fexit programs the kernel skipped because the same program was "
+        "already running on that CPU (fdinfo recursion_misses): their records were lost."),
     "entries_tracked": (
         "cttrace_bpf_entries_tracked",
         "NATed TCP entries the kernel kept from confirm to delete."),
@@ -252,8 +256,8 @@ class _SourceCollector(Collector):
         if stats.hooks:
             info = GaugeMetricFamily(
                 "cttrace_source_hook_info",
-                "1 per kernel function the source hooks: how it is attached (fentry, kprobe, "
-                "kprobe+kretprobe) and why.", labels=["source", "function", "mode", "why"])
+                "1 per kernel function the source hooks: how it is attached (fentry, fexit, "
+                "kprobe, kprobe+kretprobe) and why.", labels=["source", "function", "mode", "why"])
             for function, (mode, why) in sorted(stats.hooks.items()):
                 info.add_metric([self._name, function, mode, why], 1)
             yield info

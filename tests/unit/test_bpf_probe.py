@@ -8,6 +8,7 @@ would (or would not) have and checks the one-line reason.
 from __future__ import annotations
 
 import gzip
+import platform
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from cttrace.sources.probe import (
     find_tracefs,
     kprobes_unavailable,
     missing_functions_reason,
+    module_fentry_unavailable,
     traceable_functions,
 )
 
@@ -137,6 +139,27 @@ def test_dangling_build_link_is_explained(tmp_path: Path) -> None:
     assert f"points to /usr/src/linux-headers-{RELEASE}, which is missing" in message
     assert f"apt install linux-headers-{RELEASE}" in message
     assert "mount the host's /lib/modules and /usr/src at the same paths" in message
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="trampolines: x86-64 kernels only")
+def test_conntrack_trampolines_need_the_modules_btf_or_a_built_in_conntrack(
+    tmp_path: Path,
+) -> None:
+    view = view_of(tmp_path)
+    assert "kernel has no BTF" in str(module_fentry_unavailable(view))
+    touch(tmp_path / "sys/kernel/btf/vmlinux")
+    touch(tmp_path / "proc/kallsyms", "ffffffff81234560 T bpf_trampoline_link_prog\n")
+    # A loaded module without BTF of its own (CONFIG_DEBUG_INFO_BTF_MODULES unset).
+    touch(tmp_path / "sys/module/nf_conntrack/initstate", "live\n")
+    assert module_fentry_unavailable(view) == (
+        "the nf_conntrack module has no BTF (/sys/kernel/btf/nf_conntrack; "
+        "CONFIG_DEBUG_INFO_BTF_MODULES)")
+    touch(tmp_path / "sys/kernel/btf/nf_conntrack")
+    assert module_fentry_unavailable(view) is None
+    # Built in (no initstate, no BTF of its own): its functions are in vmlinux's BTF.
+    (tmp_path / "sys/kernel/btf/nf_conntrack").unlink()
+    (tmp_path / "sys/module/nf_conntrack/initstate").unlink()
+    assert module_fentry_unavailable(view) is None
 
 
 def features(**changes: object) -> BpfFeatures:

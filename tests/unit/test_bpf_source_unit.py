@@ -28,12 +28,14 @@ from typer.testing import CliRunner
 from cttrace.agent import MetricsSink
 from cttrace.cli import app
 from cttrace.correlator import Correlator
+from cttrace.errors import SourceError
 from cttrace.events import Lost
 from cttrace.metrics import Metrics
 from cttrace.runtime import Pipeline
 from cttrace.sinks.jsonl import JsonLinesSink
 from cttrace.sinks.live import LiveView
 from cttrace.sources import bpf as bpf_module
+from cttrace.sources import trampoline as trampoline_module
 from cttrace.sources.bpf import BpfSettings, BpfSource
 from cttrace.sources.bpf_layout import (
     CNT_FILTERED,
@@ -46,6 +48,7 @@ from cttrace.sources.bpf_layout import (
     addr_key,
 )
 from cttrace.sources.probe import BpfFeatures
+from cttrace.sources.trampoline import Trampoline
 
 
 class FakeCounters:
@@ -108,6 +111,11 @@ class FakeBpf:
         # kfunc_entry_fds[b"kfunc__<function>"] = fd: fentry programs (attached at load).
         self.kfunc_entry_fds: dict[bytes, int] = {}
         self.calls: list[tuple[str, bytes, bytes]] = []
+        # funcs[name] = loaded function (BCC's .fd); dump_func(name) = its instructions.
+        self.funcs: dict[bytes, object] = {}
+
+    def dump_func(self, name: str) -> bytes:
+        return name.encode()
 
     def attach_kfunc(self, fn_name: bytes) -> None:
         self.kfunc_entry_fds[b"kfunc__" + fn_name] = 5
@@ -287,11 +295,108 @@ def test_tcp_connect_through_fentry_detaches_and_attaches_again(
     assert fake.kfunc_entry_fds == {b"kfunc__tcp_connect": 5}
     assert b"p_tcp_connect" not in fake.kprobe_fds
     assert source.hooks()["tcp_connect"][0] == "fentry"
-    assert source.hooks()["nf_conntrack_tcp_packet"][0] == "kprobe+kretprobe"
     source.detach()
     assert fake.kfunc_entry_fds == {}
     source.attach()
     assert fake.kfunc_entry_fds == {b"kfunc__tcp_connect": 5}
+
+
+@pytest.fixture
+def trampolines(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, bytes]]:
+    """load_module_trampolines replaced by one that hands out /dev/null fds as programs
+    (and attach() as links): what was asked for is recorded in the returned list."""
+    asked: list[tuple[str, str, str, bytes]] = []
+
+    def load(module: str, programs: list[tuple[str, str, str, bytes]]) -> list[Trampoline]:
+        assert module == "nf_conntrack"
+        asked.extend(programs)
+        return [Trampoline(program, function, kind, os.open(os.devnull, os.O_RDONLY))
+                for program, function, kind, _ in programs]
+
+    monkeypatch.setattr(bpf_module, "load_module_trampolines", load)
+    monkeypatch.setattr(trampoline_module, "attach",
+                        lambda prog_fd: os.open(os.devnull, os.O_RDONLY))
+    return asked
+
+
+def test_conntrack_hooks_are_fexit_and_fentry_where_module_btf_allows(
+    opened: tuple[BpfSource, FakeBpf, Path], trampolines: list[tuple[str, str, str, bytes]],
+) -> None:
+    """Where the kernel has nf_conntrack's BTF, its three functions carry trampolines that
+    cttrace loads itself; no kprobe or kretprobe is attached to them."""
+    source, fake, _ = opened
+    source._features = replace(source._features, fentry_unavailable=None,  # type: ignore[type-var]
+                               module_fentry_unavailable=None)
+    source._load_trampolines(source._settings, source._features)  # type: ignore[arg-type]
+    source._attach(source._settings)  # type: ignore[arg-type]
+    assert [(fn, prog, kind) for prog, fn, kind, _ in trampolines] == [
+        ("__nf_conntrack_confirm", "ctt_confirm_fexit", "fexit"),
+        ("nf_conntrack_tcp_packet", "ctt_tcp_packet_fexit", "fexit"),
+        ("nf_ct_delete", "ctt_ct_delete_fentry", "fentry")]
+    assert trampolines[0][3] == b"ctt_confirm_fexit"  # BCC's compiled instructions
+    hooks = source.hooks()
+    assert hooks["nf_conntrack_tcp_packet"][0] == "fexit"
+    assert hooks["__nf_conntrack_confirm"][0] == "fexit"
+    assert hooks["nf_ct_delete"][0] == "fentry"
+    assert "module's BTF" in hooks["nf_ct_delete"][1]
+    assert not [ev for ev in fake.kprobe_fds if b"nf_c" in ev]
+    links = [t.link_fd for t in source._trampolines]
+    assert None not in links
+    source.detach()
+    assert [t.link_fd for t in source._trampolines] == [None, None, None]
+    source.attach()
+    assert None not in [t.link_fd for t in source._trampolines]
+    assert "trampoline_misses" in source.stats().extra
+
+    # The fallback, switched to without compiling again: the kprobe variant.
+    source.detach()
+    source.attach(module_kprobes=True)
+    assert source._trampolines == []
+    assert b"p_nf_conntrack_tcp_packet" in fake.kprobe_fds
+    assert b"r_nf_conntrack_tcp_packet" in fake.kprobe_fds
+    assert source.hooks()["nf_conntrack_tcp_packet"] == (
+        "kprobe+kretprobe", "kprobes asked for (attach(module_kprobes=True))")
+
+
+@pytest.mark.parametrize("why", [
+    "the nf_conntrack module has no BTF (/sys/kernel/btf/nf_conntrack; "
+    "CONFIG_DEBUG_INFO_BTF_MODULES)",
+    "the kernel has no BTF (/sys/kernel/btf/vmlinux; CONFIG_DEBUG_INFO_BTF)",
+])
+def test_conntrack_hooks_fall_back_to_kprobes_saying_why(
+    opened: tuple[BpfSource, FakeBpf, Path], trampolines: list[tuple[str, str, str, bytes]],
+    why: str,
+) -> None:
+    source, fake, _ = opened
+    source._features = replace(source._features,  # type: ignore[type-var]
+                               module_fentry_unavailable=why)
+    source._load_trampolines(source._settings, source._features)  # type: ignore[arg-type]
+    source._attach(source._settings)  # type: ignore[arg-type]
+    assert trampolines == []
+    assert source.hooks()["nf_conntrack_tcp_packet"] == ("kprobe+kretprobe", why)
+    assert source.hooks()["nf_ct_delete"] == ("kprobe", why)
+    assert b"r___nf_conntrack_confirm" in fake.kprobe_fds
+
+
+def test_a_refused_trampoline_falls_back_to_kprobes_with_the_kernels_reason(
+    opened: tuple[BpfSource, FakeBpf, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source, fake, _ = opened
+    source._features = replace(source._features, fentry_unavailable=None,  # type: ignore[type-var]
+                               module_fentry_unavailable=None)
+
+    def refuse(module: str, programs: object) -> list[Trampoline]:
+        raise SourceError("opening nf_conntrack's BTF object needs CAP_SYS_ADMIN "
+                          "(BPF_BTF_GET_NEXT_ID, BPF_BTF_GET_FD_BY_ID)")
+
+    monkeypatch.setattr(bpf_module, "load_module_trampolines", refuse)
+    source._load_trampolines(source._settings, source._features)  # type: ignore[arg-type]
+    source._attach(source._settings)  # type: ignore[arg-type]
+    mode, why = source.hooks()["nf_conntrack_tcp_packet"]
+    assert mode == "kprobe+kretprobe"
+    assert why.startswith("trampolines failed: opening nf_conntrack's BTF object needs "
+                          "CAP_SYS_ADMIN")
+    assert b"p_nf_conntrack_tcp_packet" in fake.kprobe_fds
 
 
 def kept(target: str, *, replied: bool, reported: bool = False) -> CttTracked:

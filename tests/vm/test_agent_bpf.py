@@ -78,7 +78,10 @@ def test_probes_answer_once_the_bpf_source_is_attached(bpf_agent: SharedAgent) -
     assert key("cttrace_source_hook_info", source="bpf", function="tcp_connect", mode="fentry",
                why="vmlinux function, kernel BTF and trampolines") in samples
     hook_info = started["hooks"]
-    assert hook_info["nf_conntrack_tcp_packet"]["mode"] == "kprobe+kretprobe"
+    assert hook_info["nf_conntrack_tcp_packet"]["mode"] == "fexit"
+    assert key("cttrace_source_hook_info", source="bpf", function="nf_ct_delete", mode="fentry",
+               why=hook_info["nf_ct_delete"]["why"]) in samples
+    assert key("cttrace_trampoline_misses_total", source="bpf") in samples
 
 
 def test_sigterm_under_load_exits_0_within_the_grace_period_and_detaches(

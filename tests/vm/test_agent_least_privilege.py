@@ -213,6 +213,12 @@ def test_confined_agent_attaches_the_bpf_source_and_names_the_wrong_pod(
                              timeout=0)
     assert started["source"] == "bpf" and started["fallback"] is None
     assert agent_http.get(confined_agent.port, "/healthz") == (200, "source attached\n")
+    # Opening nf_conntrack's BTF object (for its trampolines) takes CAP_SYS_ADMIN, which the
+    # DaemonSet does not grant: the conntrack hooks are the kprobe variant, and it says why.
+    tcp_packet = started["hooks"]["nf_conntrack_tcp_packet"]
+    assert tcp_packet["mode"] == "kprobe+kretprobe", tcp_packet
+    assert "CAP_SYS_ADMIN" in tcp_packet["why"], tcp_packet
+    assert started["hooks"]["tcp_connect"]["mode"] == "fentry"
 
     identity = confined_agent.dir / "identity-recycled-ip.jsonl"
     # Its own client port: the session's shared bpf watch sees this run too, and

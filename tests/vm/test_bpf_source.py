@@ -29,6 +29,10 @@ from .topology import CLIENT_IP, CLIENT_LOCAL_VIP, SERVER_IP, VIP, Topology
 
 pytestmark = pytest.mark.vm
 
+#: How the conntrack functions are hooked where the kernel has nf_conntrack's BTF.
+CONNTRACK_HOOKS = {"__nf_conntrack_confirm": "fexit", "nf_conntrack_tcp_packet": "fexit",
+                   "nf_ct_delete": "fentry"}
+
 
 
 def is_kernel_pointer(value: int) -> bool:
@@ -86,13 +90,15 @@ def test_programs_load_and_attach(bpf: BpfSource, topology: Topology) -> None:
     assert source.settings.send_reset == "kprobe"
     assert source.hooks()["tcp_v6_send_reset"][0] == "kprobe"
     assert source.settings.netns_ino == topology.netns_ino(topology.node_ns)
+    # Both kernels have nf_conntrack's BTF: its functions carry trampolines cttrace loads
+    # itself (BCC cannot), and no kretprobe is attached anywhere.
+    hooks = source.hooks()
+    assert {fn: hooks[fn][0] for fn in CONNTRACK_HOOKS} == CONNTRACK_HOOKS
+    assert hooks["tcp_connect"][0] == "fentry"
     stats = source.stats()
     assert stats.lost == 0
     assert stats.extra["undecodable"] == 0
-    # kretprobe misses are readable (the probes are tracefs kprobes with maxactive)
-    assert stats.extra["kretprobe_misses"] == 0
-    events = Path("/sys/kernel/tracing/kprobe_events").read_text()
-    assert f"r{source.settings.kretprobe_maxactive}:" in events
+    assert stats.extra["trampoline_misses"] == 0
     assert f"#define CTT_NETNS_INO {source.settings.netns_ino}U" in source.dump_text()
 
 
@@ -326,3 +332,41 @@ def test_netlink_and_bpf_see_the_same_entry_and_transitions(
         (a, b) for a, b in reported if a in UNREPLIED_TCP_STATES]
     assert [b for _, b in wanted] == [b for _, b in reported]
     assert nl_changes[-1][1] == TcpState.TIME_WAIT  # ctnetlink saw the close
+
+
+def test_the_kprobe_variant_reports_the_same_records(
+    bpf: BpfSource, topology: Topology, tracer: EventLog
+) -> None:
+    """The fallback where trampolines cannot be had (no BTF, no CAP_SYS_ADMIN to open the
+    module's BTF object): the same source switched to the kprobe variant, compiled with
+    the rest, reports a flow's life and an unreplied entry killed by a RST as the
+    trampolines do. Last in this module: the source stays on kprobes."""
+    bpf.detach()
+    bpf.attach(module_kprobes=True)
+    hooks = bpf.hooks()
+    assert hooks["nf_conntrack_tcp_packet"][0] == "kprobe+kretprobe"
+    assert hooks["__nf_conntrack_confirm"][0] == "kprobe+kretprobe"
+    assert hooks["nf_ct_delete"][0] == "kprobe"
+    assert bpf.settings is not None
+    events = Path("/sys/kernel/tracing/kprobe_events").read_text()
+    assert f"r{bpf.settings.kretprobe_maxactive}:" in events  # tracefs kprobes, maxactive
+
+    sport = 40090
+    orig = Flow(CLIENT_IP, sport, VIP, 80)
+    client = topology.client(VIP, 80, sport)
+    assert client.expect_line() == "connected"
+    new = tracer.wait_for(ct(CtKind.NEW, orig=orig), f"NEW for {orig}")
+    tracer.wait_for(ct(CtKind.UPDATE, of=new, state=TcpState.ESTABLISHED), "ESTABLISHED")
+    topology.conntrack_delete(sport)
+    tracer.wait_for(ct(CtKind.DESTROY, of=new), "DESTROY")
+    assert transitions(tracer, new) == [
+        (TcpState.SYN_SENT, TcpState.SYN_RECV), (TcpState.SYN_RECV, TcpState.ESTABLISHED)]
+
+    refused = topology.client(VIP, 81, sport + 1)  # 8081 has no listener
+    assert refused.expect_line() == f"error {errno.ECONNREFUSED}"
+    new = tracer.wait_for(ct(CtKind.NEW, orig=Flow(CLIENT_IP, sport + 1, VIP, 81)), "NEW")
+    close = tracer.wait_for(ct(CtKind.UPDATE, of=new, state=TcpState.CLOSE), "SYN_SENT -> CLOSE")
+    destroy = tracer.wait_for(ct(CtKind.DESTROY, of=new), "DESTROY")
+    assert tracer.events.index(close) < tracer.events.index(destroy)
+    stats = bpf.stats()
+    assert stats.lost == 0 and stats.extra["kretprobe_misses"] == 0

@@ -2,14 +2,14 @@
 /*
  * conntrack.bpf.c: NATed TCP conntrack entries from confirm to delete.
  *
- *   __nf_conntrack_confirm (kprobe + kretprobe)   -> the entry is tracked
- *   nf_conntrack_tcp_packet (kprobe + kretprobe)  -> its state changes
- *   nf_ct_delete (kprobe)                         -> it is gone
+ *   __nf_conntrack_confirm (fexit, or kprobe + kretprobe) -> the entry is tracked
+ *   nf_conntrack_tcp_packet (fexit, or kprobe + kretprobe) -> its state changes
+ *   nf_ct_delete (fentry, or kprobe)                       -> it is gone
  *
  * Only TCP entries with a NAT transformation (IPS_NAT_MASK) are tracked.  The
  * kernel keeps what it knows of each (creation time, tuples, the socket that
- * created it: struct ctt_tracked) and sends a record to userspace only once the
- * entry becomes interesting to a rule (ctt_report_entry):
+ * created it, its last TCP state: struct ctt_tracked) and sends a record to
+ * userspace only once the entry becomes interesting to a rule (ctt_report_entry):
  *   - its first reply comes CTT_LATE_NS or more after confirm, or it is still
  *     unreplied that long when the client retransmits (late-establish,
  *     wrong-pod, the no-reply evidence of unnated-reply);
@@ -24,12 +24,22 @@
  * confirm time, then its first reply, so userspace sees what it would have
  * seen had the record been sent at the time.
  *
- * Why kprobes here when connect.bpf.c uses trampolines: these are functions
- * of the nf_conntrack module, and BCC (0.26, Debian 12) resolves fentry/fexit
- * targets in vmlinux's BTF only.  nf_conntrack_tcp_packet runs for every TCP
- * packet conntrack sees; it is still the only place a state change shows
- * (there is no conntrack tracepoint), so its probe pair stays: for an entry
- * not tracked, the entry probe costs one hash lookup and stashes nothing.
+ * Two variants of each hook are compiled; userspace loads one
+ * (cttrace/sources/trampoline.py, cttrace/sources/bpf.py):
+ *   - BPF trampolines (ctt_*_fexit, ctt_ct_delete_fentry): one program per
+ *     call, and an fexit program sees the function's arguments and its return
+ *     value together, so no call is remembered between two probes.  These are
+ *     functions of the nf_conntrack module, which BCC (0.26, Debian 12) cannot
+ *     attach to (it resolves fentry/fexit targets in vmlinux's BTF only):
+ *     userspace loads them itself against the module's BTF
+ *     (/sys/kernel/btf/nf_conntrack, CONFIG_DEBUG_INFO_BTF_MODULES).
+ *   - kprobes, where the kernel has no BTF or trampolines: the entry probe
+ *     stashes what the return probe needs (ctt_confirm_stash, ctt_tcp_stash).
+ * nf_conntrack_tcp_packet runs for every TCP packet conntrack sees; it is still
+ * the only place a state change shows (there is no conntrack tracepoint, and
+ * conntrack's event cache is delivered only to ctnetlink listeners), so it stays
+ * hooked: for an entry not tracked, its fexit program is one hash lookup
+ * (ctt_tracked), and the kprobe pair's entry probe is one lookup too.
  * All three functions are global symbols of nf_conntrack: load it before
  * attaching.
  *
@@ -39,6 +49,7 @@
  * struct nf_conn *ct, struct sk_buff *skb, unsigned int dataoff, enum
  * ip_conntrack_info ctinfo, const struct nf_hook_state *state); bool
  * nf_ct_delete(struct nf_conn *ct, u32 portid, int report)), all three are
+ * FUNCs of nf_conntrack's module BTF in both,
  * global text symbols (T) of nf_conntrack.ko in both (6.1 also has
  * __nf_conntrack_confirm.cold and nf_conntrack_tcp_packet.cold, local
  * split-off parts the probes do not touch), and struct nf_conn and
@@ -105,20 +116,17 @@ static __always_inline void ctt_read_entry(struct ctt_ct_event *ev,
 
 /*
  * int __nf_conntrack_confirm(struct sk_buff *skb)
- * The entry is skb->_nfct & NFCT_PTRMASK (the low bits hold ctinfo).  It is
- * read here, at entry, because on a clash the kernel may swap the skb's entry
- * for the one already in the table and free ours before returning.
- * NAT has run by now: DNAT in PREROUTING/OUTPUT, SNAT in POSTROUTING/INPUT,
- * and confirm is the last netfilter hook (NF_IP_PRI_CONNTRACK_CONFIRM).
+ * The entry is skb->_nfct & NFCT_PTRMASK (the low bits hold ctinfo).  NAT has
+ * run by now: DNAT in PREROUTING/OUTPUT, SNAT in POSTROUTING/INPUT, and confirm
+ * is the last netfilter hook (NF_IP_PRI_CONNTRACK_CONFIRM).  Fills ev and
+ * returns 1 for an entry to track; 0 (counted) for the others.
  */
-int ctt_confirm_enter(struct pt_regs *ctx, struct sk_buff *skb)
+static __always_inline int ctt_confirm_read(struct sk_buff *skb, struct ctt_ct_event *ev)
 {
 	unsigned long nfct = 0, status = 0;
 	struct nf_conntrack_tuple orig = {};
-	struct ctt_ct_event ev = {};
 	struct nf_conn *ct;
 	__u32 netns;
-	__u64 key;
 
 	CTT_READ(nfct, skb, struct sk_buff, _nfct);
 	ct = (struct nf_conn *)(nfct & NFCT_PTRMASK);
@@ -137,13 +145,10 @@ int ctt_confirm_enter(struct pt_regs *ctx, struct sk_buff *skb)
 		return 0;
 	}
 
-	ev.hdr.kind = CTT_EV_CT_NEW;
-	ev.hdr.netns_ino = netns;
-	ctt_read_entry(&ev, ct, &orig);
-	key = ctt_call_key();
-	if (ctt_confirm_stash.update(&key, &ev) < 0)
-		ctt_count(CTT_CNT_STASH_FULL);
-	return 0;
+	ev->hdr.kind = CTT_EV_CT_NEW;
+	ev->hdr.netns_ino = netns;
+	ctt_read_entry(ev, ct, &orig);
+	return 1;
 }
 
 /* What the kernel keeps of ev's entry, created now. */
@@ -166,27 +171,22 @@ static __always_inline void ctt_track(struct ctt_tracked *t, const struct ctt_ct
 		t->creator = *creator;
 }
 
-int ctt_confirm_return(struct pt_regs *ctx)
+/* Confirm of ev's entry returned verdict: track the entry, or count the failed insert. */
+static __always_inline void ctt_confirmed(void *ctx, struct ctt_ct_event *ev, int verdict)
 {
-	__u64 key = ctt_call_key();
-	struct ctt_ct_event *ev = ctt_confirm_stash.lookup(&key);
 	struct ctt_tracked tracked = {};
 	struct ctt_client_key client = {};
-	int verdict = PT_REGS_RC(ctx);
 	__u64 ct_ptr;
 
-	if (!ev)
-		return 0;
 	if (verdict != NF_ACCEPT) {
 		/* insert clash: the packet is dropped and the entry never existed */
 		ctt_count(CTT_CNT_NOT_ACCEPTED);
 		ctt_count_insert_failed(ev->hdr.netns_ino);
-		ctt_confirm_stash.delete(&key);
-		return 0;
+		return;
 	}
 	ev->hdr.ts_ns = bpf_ktime_get_ns();
 	ev->created_ns = ev->hdr.ts_ns;
-	/* read before the kernel set IPS_CONFIRMED; NF_ACCEPT means it is set now */
+	/* read before the kernel set IPS_CONFIRMED (kprobe); NF_ACCEPT means it is set now */
 	ev->status |= IPS_CONFIRMED;
 
 	ctt_track(&tracked, ev);
@@ -204,14 +204,67 @@ int ctt_confirm_return(struct pt_regs *ctx)
 	ctt_count(CTT_CNT_TRACKED);
 	ctt_client_of(&client, &ev->orig);
 	ctt_unreplied.update(&client, &ct_ptr);
+}
+
+/*
+ * fexit: the arguments and the verdict in one program.  skb still holds our
+ * entry: a TCP insert clash is not resolved by swapping in the entry already in
+ * the table (only protocols with nf_conntrack_l4proto.allow_clash are, and TCP
+ * has none; nf_ct_resolve_clash), the skb keeps ours and NF_DROP is returned.
+ * ev lives in a per-CPU slot (the stack holds struct ctt_tracked already); a
+ * trampoline program does not run nested in itself on one CPU (the kernel skips
+ * and counts such a run: recursion_misses), so the slot is this call's alone.
+ */
+BPF_PERCPU_ARRAY(ctt_confirm_scratch, struct ctt_ct_event, 1);
+
+BPF_PROG(ctt_confirm_fexit, struct sk_buff *skb, int verdict)
+{
+	__u32 zero = 0;
+	struct ctt_ct_event *ev = ctt_confirm_scratch.lookup(&zero);
+
+	if (!ev)
+		return 0;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	if (ctt_confirm_read(skb, ev))
+		ctt_confirmed(ctx, ev, verdict);
+	return 0;
+}
+
+/*
+ * kprobe: the entry is read at entry, where it is certainly ours, and kept
+ * until the return probe reads the verdict.
+ */
+int ctt_confirm_enter(struct pt_regs *ctx, struct sk_buff *skb)
+{
+	struct ctt_ct_event ev = {};
+	__u64 key;
+
+	if (!ctt_confirm_read(skb, &ev))
+		return 0;
+	key = ctt_call_key();
+	if (ctt_confirm_stash.update(&key, &ev) < 0)
+		ctt_count(CTT_CNT_STASH_FULL);
+	return 0;
+}
+
+int ctt_confirm_return(struct pt_regs *ctx)
+{
+	__u64 key = ctt_call_key();
+	struct ctt_ct_event *ev = ctt_confirm_stash.lookup(&key);
+
+	if (!ev)
+		return 0;
+	ctt_confirmed(ctx, ev, PT_REGS_RC(ctx));
 	ctt_confirm_stash.delete(&key);
 	return 0;
 }
 
 /*
  * int nf_conntrack_tcp_packet(struct nf_conn *ct, struct sk_buff *skb, ...)
- * Runs for every TCP packet conntrack sees; only tracked entries are
- * remembered, so the cost for all other traffic is one hash lookup.
+ * Runs for every TCP packet conntrack sees, with ct->lock held while it moves
+ * ct->proto.tcp.state.  The kprobe variant remembers the state before the call
+ * of tracked entries only (ctt_tcp_stash), so the cost for all other traffic is
+ * one hash lookup; the fexit variant (below) compares with ctt_tracked's state.
  */
 int ctt_tcp_packet_enter(struct pt_regs *ctx, struct nf_conn *ct)
 {
@@ -316,7 +369,7 @@ static __always_inline void ctt_report_entry(void *ctx, struct nf_conn *ct, __u6
  * Decides whether the entry became interesting, and emits CTT_EV_CT_UPDATE for
  * a change the rules need of an entry userspace holds.
  */
-static __always_inline void ctt_report_transition(struct pt_regs *ctx, struct nf_conn *ct,
+static __always_inline void ctt_report_transition(void *ctx, struct nf_conn *ct,
 						  __u64 ct_ptr, struct ctt_tracked *t,
 						  __u8 old_state)
 {
@@ -354,6 +407,26 @@ static __always_inline void ctt_report_transition(struct pt_regs *ctx, struct nf
 	ctt_emit(ctx, &ev, sizeof(ev));
 }
 
+/*
+ * fexit: the call is over; the state before it is the one ctt_tracked holds
+ * (ctt_report_transition stores every change it sees).  For an entry not
+ * tracked this is the whole cost: one hash lookup.  Two CPUs may each finish a
+ * packet of one entry before either program runs (the lock is released by
+ * then): both see the newest state, and the intermediate one is not reported,
+ * the same window the kprobe pair has between its two probes.
+ */
+BPF_PROG(ctt_tcp_packet_fexit, struct nf_conn *ct)
+{
+	__u64 ct_ptr = (__u64)ct;
+	struct ctt_tracked *tracked = ctt_tracked.lookup(&ct_ptr);
+
+	/* Not tracked, or the packet killed the entry: ctt_ct_delete_fentry reported it. */
+	if (!tracked)
+		return 0;
+	ctt_report_transition(ctx, ct, ct_ptr, tracked, tracked->state);
+	return 0;
+}
+
 int ctt_tcp_packet_return(struct pt_regs *ctx)
 {
 	__u64 key = ctt_call_key();
@@ -389,40 +462,12 @@ static __always_inline int ctt_should_be_tracked(const struct nf_conn *ct)
 	return !CTT_NETNS_INO || ctt_ct_netns(ct) == CTT_NETNS_INO;
 }
 
-/*
- * bool nf_ct_delete(struct nf_conn *ct, u32 portid, int report)
- * Every way a confirmed entry dies goes through here: timeout (gc worker),
- * nf_ct_kill (RST, NEW SYN on a closed entry), early drop, ctnetlink delete,
- * flush, namespace exit.  The entry is still intact at entry.  When the kill
- * comes from nf_conntrack_tcp_packet itself, its pending state change is
- * handled first: UPDATE (SYN_SENT -> CLOSE), then DESTROY.
- */
-int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
+/* A tracked entry is deleted now: what userspace holds of it ends with DESTROY. */
+static __always_inline void ctt_deleted(void *ctx, struct nf_conn *ct, __u64 ct_ptr,
+					struct ctt_tracked *tracked)
 {
-	__u64 ct_ptr = (__u64)ct;
-	struct ctt_tracked *tracked = ctt_tracked.lookup(&ct_ptr);
 	struct ctt_ct_event ev = {};
-	struct ctt_tcp_call *call;
-	__u64 call_key;
 
-	if (!tracked) {
-		/* Evicted from the LRU map (or confirmed before we attached): counted. */
-		if (ctt_should_be_tracked(ct))
-			ctt_count(CTT_CNT_UNSEEN_DELETE);
-		return 0;
-	}
-	/*
-	 * A RST to an entry that never saw a reply (or a SYN on a closed one)
-	 * makes nf_conntrack_tcp_packet kill the entry itself, before it
-	 * returns: its SYN_SENT -> CLOSE would be lost with the entry.  Handle
-	 * the transition of that call here, before the delete.
-	 */
-	call_key = ctt_call_key();
-	call = ctt_tcp_stash.lookup(&call_key);
-	if (call && call->ct_ptr == ct_ptr) {
-		ctt_report_transition(ctx, ct, ct_ptr, tracked, call->old_state);
-		ctt_tcp_stash.delete(&call_key);
-	}
 	ctt_forget_unreplied(tracked, ct_ptr);
 	if (tracked->reported) {
 		CTT_READ(ev.tcp_state, ct, struct nf_conn, proto.tcp.state);
@@ -430,5 +475,62 @@ int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
 		ctt_emit(ctx, &ev, sizeof(ev));
 	}
 	ctt_tracked.delete(&ct_ptr);
+}
+
+/* Evicted from the LRU map (or confirmed before we attached): counted. */
+static __always_inline void ctt_deleted_unseen(const struct nf_conn *ct)
+{
+	if (ctt_should_be_tracked(ct))
+		ctt_count(CTT_CNT_UNSEEN_DELETE);
+}
+
+/*
+ * bool nf_ct_delete(struct nf_conn *ct, u32 portid, int report)
+ * Every way a confirmed entry dies goes through here: timeout (gc worker),
+ * nf_ct_kill (RST, NEW SYN on a closed entry), early drop, ctnetlink delete,
+ * flush, namespace exit.  The entry is still intact at entry.
+ *
+ * A RST to an entry that never saw a reply makes nf_conntrack_tcp_packet kill
+ * the entry itself, after it set the new state (CLOSE) and before it returns:
+ * that call's transition (SYN_SENT -> CLOSE) would be lost with the entry, so
+ * it is handled here first: UPDATE, then DESTROY.  The fentry variant finds it
+ * as a state that differs from the one ctt_tracked holds.
+ */
+BPF_PROG(ctt_ct_delete_fentry, struct nf_conn *ct)
+{
+	__u64 ct_ptr = (__u64)ct;
+	struct ctt_tracked *tracked = ctt_tracked.lookup(&ct_ptr);
+	__u8 state = 0;
+
+	if (!tracked) {
+		ctt_deleted_unseen(ct);
+		return 0;
+	}
+	CTT_READ(state, ct, struct nf_conn, proto.tcp.state);
+	if (state != tracked->state)
+		ctt_report_transition(ctx, ct, ct_ptr, tracked, tracked->state);
+	ctt_deleted(ctx, ct, ct_ptr, tracked);
+	return 0;
+}
+
+/* The kprobe variant finds the pending call in ctt_tcp_stash. */
+int ctt_ct_delete(struct pt_regs *ctx, struct nf_conn *ct)
+{
+	__u64 ct_ptr = (__u64)ct;
+	struct ctt_tracked *tracked = ctt_tracked.lookup(&ct_ptr);
+	struct ctt_tcp_call *call;
+	__u64 call_key;
+
+	if (!tracked) {
+		ctt_deleted_unseen(ct);
+		return 0;
+	}
+	call_key = ctt_call_key();
+	call = ctt_tcp_stash.lookup(&call_key);
+	if (call && call->ct_ptr == ct_ptr) {
+		ctt_report_transition(ctx, ct, ct_ptr, tracked, call->old_state);
+		ctt_tcp_stash.delete(&call_key);
+	}
+	ctt_deleted(ctx, ct, ct_ptr, tracked);
 	return 0;
 }

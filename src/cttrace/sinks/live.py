@@ -31,7 +31,8 @@ from cttrace.runtime import Status
 
 _SEVERITY_STYLE = {Severity.CRITICAL: "bold white on red", Severity.WARNING: "bold yellow",
                    Severity.INFO: "cyan"}
-_SHOWN_EXTRAS = frozenset({"kretprobe_misses", "dropped_messages", "malformed"})
+_SHOWN_EXTRAS = frozenset({"kretprobe_misses", "trampoline_misses", "dropped_messages",
+                           "malformed"})
 _MAX_ROWS = 15
 _MAX_FINDINGS = 8
 #: Seconds between snapshots of the view when the output is not a terminal.

@@ -57,7 +57,14 @@ from cttrace.sources.bpf_layout import (
     tracked_flows,
 )
 from cttrace.sources.kprobe_events import usable_maxactive
-from cttrace.sources.probe import SEND_RESET6_KPROBE, SEND_RESET_KPROBE, BpfFeatures, check_bpf
+from cttrace.sources.probe import (
+    CONNTRACK_MODULE,
+    SEND_RESET6_KPROBE,
+    SEND_RESET_KPROBE,
+    BpfFeatures,
+    check_bpf,
+)
+from cttrace.sources.trampoline import Trampoline, load_module_trampolines, prog_fdinfo
 
 #: Concatenated in this order; each .bpf.c file's ``#include "cttrace.h"`` is
 #: satisfied by the header text placed first.
@@ -67,6 +74,17 @@ _LOCAL_INCLUDE = '#include "cttrace.h"'
 #: the return probe could not be matched with.
 _LOST_SLOTS = (CNT_LOST, CNT_STASH_FULL)
 
+#: The nf_conntrack hooks where trampolines can be loaded (cttrace.sources.trampoline):
+#: (kernel function, program, fentry or fexit). An fexit program sees the arguments
+#: and the return value at once.
+_TRAMPOLINES = (
+    ("__nf_conntrack_confirm", "ctt_confirm_fexit", "fexit"),
+    ("nf_conntrack_tcp_packet", "ctt_tcp_packet_fexit", "fexit"),
+    ("nf_ct_delete", "ctt_ct_delete_fentry", "fentry"),
+)
+_TRAMPOLINE_WHY = ("nf_conntrack module function: loaded by cttrace against the module's BTF "
+                   "(BCC attaches trampolines to vmlinux functions only)")
+#: The same hooks as kprobes, where trampolines cannot be had:
 #: (kernel function, entry program, return program or None)
 _KPROBES = (
     ("__nf_conntrack_confirm", "ctt_confirm_enter", "ctt_confirm_return"),
@@ -76,9 +94,6 @@ _KPROBES = (
 _CONNECT = ("tcp_connect", "ctt_connect_enter", None)
 _SEND_RESET = (SEND_RESET_KPROBE, "ctt_send_reset_enter", None)
 _SEND_RESET6 = (SEND_RESET6_KPROBE, "ctt_send_reset6_enter", None)
-#: Why the nf_conntrack hooks are kprobes even where the kernel has BTF.
-_MODULE_KPROBE = ("nf_conntrack is a module, and BCC resolves fentry/fexit targets in "
-                  "vmlinux's BTF only")
 
 
 def default_bpf_dir() -> Traversable:
@@ -125,8 +140,9 @@ class BpfSettings:
     watched_max: int = 16384
     """DNAT targets userspace can watch at once."""
     fentry: bool = True
-    """Reach tcp_connect through a BPF trampoline (fentry) where the kernel allows it,
-    instead of a kprobe."""
+    """Reach the hooks through BPF trampolines (fentry, fexit) where the kernel allows
+    it, instead of kprobes: tcp_connect through BCC, the nf_conntrack functions through
+    cttrace.sources.trampoline."""
 
     def defines(self) -> str:
         values = {
@@ -272,6 +288,8 @@ class BpfSource:
         self._detached_tracepoints: list[bytes] = []
         self._watched: set[str] = set()
         self._replay: set[str] = set()
+        self._trampolines: list[Trampoline] = []
+        self._module_kprobe_why = "not opened"
 
     # --- what would be compiled ------------------------------------------------------
 
@@ -341,15 +359,27 @@ class BpfSource:
         (``run_cnt``, ``run_time_ns``): the kernel counts them while
         ``kernel.bpf_stats_enabled`` is 1 (bench/bpf_overhead.py turns it on)."""
         out: dict[str, tuple[int, int]] = {}
-        for name, fn in (self._bpf.funcs.items() if self._bpf is not None else ()):
-            try:
-                info = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
-            except OSError:
-                continue
-            fields = dict(line.split(":\t", 1) for line in info.splitlines() if ":\t" in line)
-            key = name.decode() if isinstance(name, bytes) else str(name)
-            out[key] = (int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
+        for name, fd in self._program_fds():
+            fields = prog_fdinfo(fd)
+            if fields:
+                out[name] = (fields.get("run_cnt", 0), fields.get("run_time_ns", 0))
         return out
+
+    def _program_fds(self) -> list[tuple[str, int]]:
+        """(name, fd) of every loaded program: BCC's and the module trampolines."""
+        if self._bpf is None:
+            return []
+        out = [(name.decode() if isinstance(name, bytes) else str(name), fn.fd)
+               for name, fn in self._bpf.funcs.items()]
+        return out + [(t.program, t.prog_fd) for t in self._trampolines]
+
+    def _trampoline_misses(self) -> int:
+        """Runs of trampoline programs the kernel skipped because the same program was
+        already running on that CPU (fdinfo ``recursion_misses``: an interrupt's packet
+        arriving while the program ran): their events are lost."""
+        names = {t.program for t in self._trampolines} | {"kfunc__tcp_connect"}
+        return sum(prog_fdinfo(fd).get("recursion_misses", 0)
+                   for name, fd in self._program_fds() if name in names)
 
     def _replay_watched(self) -> list[Event]:
         """The entries the kernel kept toward the newly watched targets, as the records it
@@ -401,6 +431,7 @@ class BpfSource:
         self._bpf = _compile(BPF, text, features)
         self._features, self._settings = features, settings
         try:
+            self._load_trampolines(settings, features)
             self._attach(settings)
             self._open_output(settings)
         except BaseException:
@@ -459,6 +490,7 @@ class BpfSource:
             if misses is not None:
                 self._stats.extra["kprobe_misses"] = misses[0]
                 self._stats.extra["kretprobe_misses"] = misses[1]
+            self._stats.extra["trampoline_misses"] = self._trampoline_misses()
         self._stats.extra["undecodable"] = self._undecodable
         if self._settings is not None:
             self._stats.extra["ringbuf"] = int(self._settings.ringbuf)
@@ -478,16 +510,27 @@ class BpfSource:
             bpf.detach_kprobe_event(ev_name)
         for fn_name in list(bpf.kfunc_entry_fds):
             bpf.detach_kfunc(fn_name)
+        for trampoline in self._trampolines:
+            trampoline.detach()
         tracepoints = list(bpf.tracepoint_fds)
         for tp in tracepoints:
             bpf.detach_tracepoint(tp)
         self._detached_tracepoints += tracepoints
 
-    def attach(self) -> None:
-        """Attach again what :meth:`detach` took off (open() attaches by itself)."""
+    def attach(self, *, module_kprobes: bool = False) -> None:
+        """Attach again what :meth:`detach` took off (open() attaches by itself).
+
+        ``module_kprobes``: hook the nf_conntrack functions with the kprobe variant from
+        now on, unloading their trampolines (both variants were compiled): how the VM tier
+        and the bench exercise the fallback without compiling again.
+        """
         bpf = self._bpf
         if bpf is None or self._settings is None:
             raise SourceError("bpf source is not open")
+        if module_kprobes and self._trampolines:
+            while self._trampolines:
+                self._trampolines.pop().close()
+            self._module_kprobe_why = "kprobes asked for (attach(module_kprobes=True))"
         self._attach(self._settings)
         while self._detached_tracepoints:
             tp = self._detached_tracepoints[-1]
@@ -504,6 +547,8 @@ class BpfSource:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
+        while self._trampolines:
+            self._trampolines.pop().close()
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()  # detaches every probe, frees buffers, closes program fds
@@ -512,12 +557,16 @@ class BpfSource:
 
     def hooks(self) -> dict[str, tuple[str, str]]:
         """How each kernel function is reached, and why: ``{function: (mode, why)}``
-        (``fentry``, ``kprobe`` or ``kprobe+kretprobe``; the ``source`` line and /metrics)."""
+        (``fentry``, ``fexit``, ``kprobe`` or ``kprobe+kretprobe``; the ``source`` line and
+        /metrics)."""
         settings, features = self._settings, self._features
         if settings is None or features is None:
             return {}
-        out = {function: ("kprobe+kretprobe" if ret else "kprobe", _MODULE_KPROBE)
-               for function, _, ret in _KPROBES}
+        if self._trampolines:
+            out = {t.function: (t.kind, _TRAMPOLINE_WHY) for t in self._trampolines}
+        else:
+            out = {function: ("kprobe+kretprobe" if ret else "kprobe", self._module_kprobe_why)
+                   for function, _, ret in _KPROBES}
         if settings.fentry:
             out["tcp_connect"] = ("fentry", "vmlinux function, kernel BTF and trampolines")
         else:
@@ -533,10 +582,28 @@ class BpfSource:
         v6 = self._features is not None and self._features.send_reset6_kprobe
         return [_SEND_RESET, _SEND_RESET6] if v6 else [_SEND_RESET]
 
+    def _load_trampolines(self, settings: BpfSettings, features: BpfFeatures) -> None:
+        """Load the nf_conntrack hooks as trampolines where this kernel allows it; otherwise
+        the kprobes will be attached, and ``hooks()`` says why."""
+        if not settings.fentry:
+            self._module_kprobe_why = features.module_fentry_unavailable or "fentry turned off"
+            return
+        if features.module_fentry_unavailable is not None:
+            self._module_kprobe_why = features.module_fentry_unavailable
+            return
+        try:
+            self._trampolines = load_module_trampolines(CONNTRACK_MODULE, [
+                (program, function, kind, self._bpf.dump_func(program))
+                for function, program, kind in _TRAMPOLINES])
+        except SourceError as exc:
+            self._module_kprobe_why = f"trampolines failed: {exc}"
+
     def _attach(self, settings: BpfSettings) -> None:
         bpf = self._bpf
         maxactive = usable_maxactive(settings.kretprobe_maxactive)
-        probes = list(_KPROBES)
+        for trampoline in self._trampolines:
+            trampoline.attach()
+        probes = [] if self._trampolines else list(_KPROBES)
         if settings.fentry:
             # BCC attached it when it loaded the program; again after a detach().
             if b"kfunc__tcp_connect" not in bpf.kfunc_entry_fds:

@@ -25,6 +25,7 @@ from functools import cache
 from pathlib import Path
 
 from cttrace.errors import SourceError
+from cttrace.sources.bpf_syscall import BPF_MAP_CREATE, bpf, syscall_number
 
 #: Kernel functions the programs must probe (bpf/conntrack.bpf.c, bpf/connect.bpf.c).
 REQUIRED_KPROBES = (
@@ -47,9 +48,6 @@ _TRACEFS_DIRS = ("sys/kernel/tracing", "sys/kernel/debug/tracing")
 #: enum bpf_map_type: BPF_MAP_TYPE_RINGBUF (v5.8, commit 457f44363a88
 #: "bpf: Implement BPF ring buffer and verifier support for it").
 _BPF_MAP_TYPE_RINGBUF = 27
-_BPF_MAP_CREATE = 0
-#: __NR_bpf per architecture (arch/x86/entry/syscalls/syscall_64.tbl, asm-generic/unistd.h).
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +70,9 @@ class BpfFeatures:
     """Why tcp_connect cannot be reached through a BPF trampoline (fentry); None: it can."""
     send_reset6_kprobe: bool = False
     """tcp_v6_send_reset can be probed (IPv6 resets that have no socket)."""
+    module_fentry_unavailable: str | None = "not probed"
+    """Why the nf_conntrack functions cannot be reached through BPF trampolines
+    (fentry, fexit); None: they can (cttrace.sources.trampoline loads them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,7 @@ def check_bpf(headers: str | None = None, view: KernelView | None = None) -> Bpf
         tracefs=tracefs,
         fentry_unavailable=fentry_unavailable(view),
         send_reset6_kprobe=SEND_RESET6_KPROBE in functions,
+        module_fentry_unavailable=module_fentry_unavailable(view),
     )
 
 
@@ -270,6 +272,27 @@ def fentry_unavailable(view: KernelView) -> str | None:
     return None
 
 
+def module_fentry_unavailable(view: KernelView, module: str = CONNTRACK_MODULE) -> str | None:
+    """Why the functions of ``module`` cannot carry BPF trampolines; None: they can.
+
+    Beyond what :func:`fentry_unavailable` needs: a loaded module's own BTF
+    (/sys/kernel/btf/<module>, CONFIG_DEBUG_INFO_BTF_MODULES; v5.11 attaches
+    trampolines to module functions), which cttrace reads with libbpf. A module
+    built into the kernel (/sys/module/<module> without ``initstate``) is in
+    vmlinux's BTF.
+    """
+    reason = fentry_unavailable(view)
+    if reason:
+        return reason
+    if view.path(f"sys/kernel/btf/{module}").is_file():
+        return None
+    if view.path(f"sys/module/{module}").is_dir() and \
+            not view.path(f"sys/module/{module}/initstate").exists():
+        return None  # built in
+    return (f"the {module} module has no BTF (/sys/kernel/btf/{module}; "
+            "CONFIG_DEBUG_INFO_BTF_MODULES)")
+
+
 def tracepoint_exists(view: KernelView, tracefs: Path | None, category: str, event: str) -> bool:
     return tracefs is not None and (tracefs / "events" / category / event).is_dir()
 
@@ -335,23 +358,21 @@ def ringbuf_supported() -> bool:
     EINVAL means the map type is unknown (before v5.8). EPERM is not
     "unsupported": it is raised as such, since nothing else would load either.
     """
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
+    if syscall_number() is None:
         return False  # unknown syscall number: the perf buffer works everywhere
     attr = (ctypes.c_uint32 * 16)()  # union bpf_attr, BPF_MAP_CREATE part; rest must be zero
     attr[0] = _BPF_MAP_TYPE_RINGBUF
     attr[1] = 0  # key_size
     attr[2] = 0  # value_size
     attr[3] = os.sysconf("SC_PAGE_SIZE")  # max_entries: a power-of-two multiple of the page size
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(nr, _BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd >= 0:
-        os.close(fd)
-        return True
-    err = ctypes.get_errno()
-    if err == errno.EPERM:
-        raise SourceError(
-            "bpf(BPF_MAP_CREATE) failed with EPERM: this process may not use BPF "
-            "(needs CAP_SYS_ADMIN or CAP_BPF; check kernel.unprivileged_bpf_disabled and any LSM)"
-        )
-    return False
+    try:
+        os.close(bpf(BPF_MAP_CREATE, attr))
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            raise SourceError(
+                "bpf(BPF_MAP_CREATE) failed with EPERM: this process may not use BPF "
+                "(needs CAP_SYS_ADMIN or CAP_BPF; check kernel.unprivileged_bpf_disabled and "
+                "any LSM)"
+            ) from exc
+        return False
+    return True
