@@ -30,6 +30,9 @@ guest --out DIR``), :func:`measure`:
   delivered to userspace, by kind), entries kept and reported, entries and
   state changes filtered in the kernel, records lost, kretprobe misses, and
   each BPF program's runs (``kernel.bpf_stats_enabled``: probe hits by hook);
+  then rounds with the conntrack hooks switched to their kprobe variant (what
+  a kernel without BTF, or an agent without CAP_SYS_ADMIN, runs), between
+  rounds without, for the same figures;
   one more storm straight to the pod's IP (no NAT), where the kernel filters
   every entry; and one storm each watched by the netlink source and by
   ``conntrack -E`` instead, for their CPU seconds.
@@ -366,6 +369,26 @@ def measure(*, pairs: int, seconds: float, log: Callable[[str], None]) -> dict[s
                 result["direct"] = direct
                 log(f"bpf-overhead: straight to the pod IP with probes: delivered "
                     f"{direct['delivered']}, kernel {direct['kernel']}")
+                # The conntrack hooks' fallback (the kprobe variant, compiled with the rest)
+                # on the same storm: its rate ratio and probe hits beside the trampolines'.
+                source.source.attach(module_kprobes=True)
+                result["hooks_kprobes"] = {fn: list(how)
+                                           for fn, how in source.source.hooks().items()}
+                source.source.detach()
+                kprobe_rounds: list[dict[str, Any]] = []
+                for i, mode in enumerate(["without"] + ["with-kprobes", "without"] * pairs):
+                    if mode == "without":
+                        res = storm_round(f"kprobes{i}", count)
+                    else:
+                        with _Attached(source) as attached:
+                            res = storm_round(f"kprobes{i}", count)
+                            attached.drain()
+                        res.update(attached.counts)
+                    res["mode"] = mode
+                    kprobe_rounds.append(res)
+                    log(f"bpf-overhead: kprobe variant round {i} {mode}: {res['rate']:.0f} "
+                        "conn/s")
+                result["kprobe_rounds"] = kprobe_rounds
                 # The same storm watched by the other ways to follow conntrack.
                 result["netlink"] = _netlink_cpu(node, lambda: storm_round("netlink", count))
                 result["conntrack_e"] = _conntrack_cpu(
@@ -377,11 +400,17 @@ def measure(*, pairs: int, seconds: float, log: Callable[[str], None]) -> dict[s
         finally:
             b.stop_all()
     for mode, key in (("with", "ratios"), ("probes-only", "probes_only_ratios")):
-        ratios = [r["rate"] / statistics.mean([rounds[i - 1]["rate"], rounds[i + 1]["rate"]])
-                  for i, r in enumerate(rounds) if r["mode"] == mode]
-        result[key] = [round(x, 4) for x in ratios]
+        result[key] = [round(x, 4) for x in neighbour_ratios(rounds, mode)]
     result["ratio_median"] = round(statistics.median(result["ratios"]), 4)
+    result["kprobe_ratios"] = [round(x, 4) for x in neighbour_ratios(kprobe_rounds,
+                                                                      "with-kprobes")]
     return result
+
+
+def neighbour_ratios(rounds: list[dict[str, Any]], mode: str) -> list[float]:
+    """Each ``mode`` round's rate divided by the mean of the rounds on either side."""
+    return [r["rate"] / statistics.mean([rounds[i - 1]["rate"], rounds[i + 1]["rate"]])
+            for i, r in enumerate(rounds) if r["mode"] == mode]
 
 
 def round_modes(pairs: int) -> list[str]:
@@ -436,6 +465,11 @@ class BpfOverhead:
     ratio_median: float
     hooks: dict[str, list[str]] = field(default_factory=dict)
     """How each kernel function was hooked, and why: {function: [mode, why]}."""
+    kprobe_rounds: list[dict[str, Any]] = field(default_factory=list)
+    """Rounds with the conntrack hooks switched to their kprobe variant (the fallback),
+    between rounds without probes."""
+    kprobe_ratios: list[float] = field(default_factory=list)
+    hooks_kprobes: dict[str, list[str]] = field(default_factory=dict)
     netlink: dict[str, Any] = field(default_factory=dict)
     conntrack_e: dict[str, Any] = field(default_factory=dict)
     guest_up_s: float = 0.0

@@ -265,6 +265,7 @@ def render(info: str, sections: dict[str, object], cmd: str) -> tuple[str, str]:
         body += bpf_body
         if isinstance(bpf, bpf_overhead.BpfOverhead):
             hits += ["", *_probe_hits(bpf, bpf.rounds_of("with") + bpf.rounds_of("probes-only"))]
+            hits += _kprobe_variant(bpf)[1]
 
     table = ["| what | goal | measured | |", "|---|---|---|---|"]
     table += [f"| {w} | {g} | {m} | {v} |" for w, g, m, v in goals]
@@ -310,7 +311,8 @@ def _bpf_section(bpf: object,
                f"records for {conns:,} connections through the Service; {filtered:.1f} "
                f"filtered in the kernel per connection; {_n(lost)} lost)")
     cpu_10k = _cpu_per_10k(bpf, withs)
-    goals = [(what, goal, measured, _verdict(ratio >= 0.97)),
+    kprobe_goal, kprobe_body = _kprobe_variant(bpf)
+    goals = [(what, goal, measured, _verdict(ratio >= 0.97)), *kprobe_goal,
              (f"bpf source{on}: records to userspace per healthy connection", "≤ 0.01",
               records, _verdict(emitted <= 0.01)),
              (f"agent CPU s per 10,000 connections{on}: bpf / netlink / `conntrack -E`",
@@ -416,6 +418,7 @@ def _bpf_section(bpf: object,
         "and the loop.", "",
     ]
     body += _probe_hits(bpf, attached)
+    body += kprobe_body
     body += ["", "Agent CPU seconds per 10,000 connections through the Service, the same "
              "storm watched three ways in the same boot (bpf: the with-rounds' reader, "
              "correlator and loop; netlink: the netlink source, correlator and loop; "
@@ -427,6 +430,8 @@ def _bpf_section(bpf: object,
 
 #: BPF program -> the kernel function (or tracepoint) it hooks.
 _PROGRAM_HOOKS = {
+    "ctt_confirm_fexit": "__nf_conntrack_confirm",
+    "ctt_tcp_packet_fexit": "nf_conntrack_tcp_packet", "ctt_ct_delete_fentry": "nf_ct_delete",
     "ctt_confirm_enter": "__nf_conntrack_confirm", "ctt_confirm_return": "__nf_conntrack_confirm",
     "ctt_tcp_packet_enter": "nf_conntrack_tcp_packet",
     "ctt_tcp_packet_return": "nf_conntrack_tcp_packet",
@@ -437,8 +442,11 @@ _PROGRAM_HOOKS = {
 }
 
 
-def _probe_hits(bpf: bpf_overhead.BpfOverhead, attached: list[dict[str, Any]]) -> list[str]:
-    """Probe hits per connection by hook and attach mode, over the rounds with probes."""
+def _probe_hits(bpf: bpf_overhead.BpfOverhead, attached: list[dict[str, Any]],
+                hooks: dict[str, list[str]] | None = None, variant: str = "") -> list[str]:
+    """Probe hits per connection by hook and attach mode, over the rounds with probes
+    (``hooks``: how each function was hooked in them, by default ``bpf.hooks``)."""
+    hooks = hooks if hooks is not None else bpf.hooks
     conns = sum(int(r["completed"]) + int(r["failed"]) for r in attached) or 1
     runs: Counter[str] = Counter()
     run_ns: Counter[str] = Counter()
@@ -446,7 +454,8 @@ def _probe_hits(bpf: bpf_overhead.BpfOverhead, attached: list[dict[str, Any]]) -
         for name, (n, ns) in r.get("programs", {}).items():
             runs[name] += n
             run_ns[name] += ns
-    body = [f"Probe hits per connection through the Service on {bpf.kernel}, by hook (the BPF "
+    body = [f"Probe hits per connection through the Service on {bpf.kernel}{variant}, by hook "
+            "(the BPF "
             "programs' own run counts, `kernel.bpf_stats_enabled`, over the rounds with "
             "probes), and the time inside each program per run (not the kprobe or trampoline "
             "around it):", "",
@@ -454,11 +463,31 @@ def _probe_hits(bpf: bpf_overhead.BpfOverhead, attached: list[dict[str, Any]]) -
             "| ns per hit (program) |", "|---|---|---|---|---:|---:|"]
     for name in sorted(runs, key=lambda k: (_PROGRAM_HOOKS.get(k, k), k)):
         hook = _PROGRAM_HOOKS.get(name, "?")
-        mode, why = bpf.hooks.get(hook, ["tracepoint" if ":" in hook else "?", ""])
+        mode, why = hooks.get(hook, ["tracepoint" if ":" in hook else "?", ""])
         per_run = run_ns[name] / runs[name] if runs[name] else 0.0
         body.append(f"| {hook} | {mode} | {why} | {name} | {runs[name] / conns:.2f} | "
                     f"{per_run:,.0f} |")
     return body
+
+
+def _kprobe_variant(bpf: bpf_overhead.BpfOverhead
+                    ) -> tuple[list[tuple[str, str, str, str]], list[str]]:
+    """The goal row and the probe-hits table of the rounds with the conntrack hooks as
+    kprobes (the fallback), when the guest ran them."""
+    rounds = [r for r in bpf.kprobe_rounds if r["mode"] == "with-kprobes"]
+    if not rounds or not bpf.kprobe_ratios:
+        return [], []
+    ratio = statistics.median(bpf.kprobe_ratios)
+    off = statistics.median(r["rate"] for r in bpf.kprobe_rounds if r["mode"] == "without")
+    on = statistics.median(r["rate"] for r in rounds)
+    goal = (f"bpf source on {bpf.kernel}, conntrack hooks as kprobes (the fallback): conn "
+            "rate with probes ÷ without", "(reported)",
+            f"{ratio:.2f} under TCG emulation ({_n(off)} → {_n(on)} conn/s; "
+            + ", ".join(f"{x:.3f}" for x in bpf.kprobe_ratios) + ")", "n/a")
+    body = _probe_hits(bpf, rounds, bpf.hooks_kprobes,
+                       " with the conntrack hooks as kprobes (the fallback; same storm, "
+                       "same boot, same compiled programs)")
+    return [goal], ["", *body]
 
 
 def _cpu_per_10k(bpf: bpf_overhead.BpfOverhead,

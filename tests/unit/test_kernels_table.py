@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from cttrace.sources import bpf as bpf_module
 from cttrace.sources.bpf import BpfSettings, BpfSource, settings_for
 from cttrace.sources.probe import SEND_RESET_KPROBE, BpfFeatures
+from cttrace.sources.trampoline import Trampoline
 from tests.vm.run_vm_tier import KERNELS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -44,17 +49,28 @@ def test_every_row_names_an_attach_mode_for_every_hook_and_a_tier() -> None:
         assert cells[-1].split(":", 1)[0] in ("vm", "kernel", "unit"), f"{name}: {cells[-1]}"
 
 
-def test_the_vm_kernels_rows_name_the_modes_the_source_attaches_with_btf() -> None:
-    """Both VM kernels have BTF, trampolines, the reset kprobe and both reset tracepoints
-    (the VM tier's agent and storm tests assert the modes the source reports there): each
-    row names, first in each cell, the mode the source then attaches each hook with."""
+def test_the_vm_kernels_rows_name_the_modes_the_source_attaches_with_btf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both VM kernels have BTF (nf_conntrack's too), trampolines, the reset kprobe and both
+    reset tracepoints (the VM tier's agent and storm tests assert the modes the source
+    reports there): each row names, first in each cell, the mode the source then attaches
+    each hook with."""
     features = BpfFeatures(release="6.x", headers_dir=None, ringbuf=True,
                            send_reset_kprobe=True, send_reset_tracepoint=True,
                            receive_reset_tracepoint=True, tracefs=None,
-                           fentry_unavailable=None)
+                           fentry_unavailable=None, module_fentry_unavailable=None)
+
+    def load(module: str, programs: list[tuple[str, str, str, bytes]]) -> list[Trampoline]:
+        return [Trampoline(program, function, kind, -1) for program, function, kind, _ in programs]
+
+    monkeypatch.setattr(bpf_module, "load_module_trampolines", load)
     source = BpfSource()
+    source._bpf = SimpleNamespace(dump_func=lambda name: b"")
     source._features = features
     source._settings = settings_for(features, BpfSettings())
+    source._load_trampolines(source._settings, features)
+    source._bpf = None
     hooks = source.hooks()
 
     def mode(function: str) -> str:

@@ -25,6 +25,7 @@ from cttrace.sources.probe import (
     find_kernel_headers,
     find_tracefs,
     kprobes_unavailable,
+    module_fentry_unavailable,
 )
 
 CHECK_ID = "bpf-source"
@@ -56,6 +57,8 @@ class BpfReadiness:
     supplied: list[str] = field(default_factory=list)
     perf_event_paranoid: int | None = None
     """kernel.perf_event_paranoid, None when unreadable."""
+    conntrack_hooks: str = ""
+    """How the nf_conntrack functions would be hooked: trampolines, or kprobes and why."""
 
 
 def _headers(view: KernelView) -> tuple[str | None, str | None]:
@@ -93,7 +96,17 @@ def probe_bpf_readiness(view: KernelView | None = None, compile_program: bool = 
     else:
         compile_result, supplied = _compile_probe()
     return BpfReadiness(release, root, bcc, kprobes_problem, fentry, headers, headers_problem,
-                        compile_result, supplied, _perf_event_paranoid(view))
+                        compile_result, supplied, _perf_event_paranoid(view),
+                        _conntrack_hooks(view))
+
+
+def _conntrack_hooks(view: KernelView) -> str:
+    reason = module_fentry_unavailable(view)
+    if reason:
+        return f"kprobes: {reason}"
+    # Loading a trampoline on a module function opens the module's BTF object, which only
+    # CAP_SYS_ADMIN may (kernel/bpf/syscall.c): the DaemonSet's agent does not hold it.
+    return "fexit/fentry with CAP_SYS_ADMIN; kprobes without it (the DaemonSet's default)"
 
 
 def _perf_event_paranoid(view: KernelView) -> int | None:
@@ -142,6 +155,7 @@ def check_bpf_source(seen: BpfReadiness) -> CheckResult:
         "bcc": seen.bcc,
         "kprobes": seen.kprobes_problem is None,
         "fentry_btf": seen.fentry,
+        "conntrack_hooks": seen.conntrack_hooks,
         "headers": seen.headers,
         "compile": seen.compile,
     }
