@@ -343,23 +343,31 @@ def measure(*, pairs: int, seconds: float, log: Callable[[str], None]) -> dict[s
                 result["connections_per_round"] = count
                 log(f"bpf-overhead: warm-up {warm['rate']:.0f} conn/s, then "
                     f"{calib['rate']:.0f} conn/s; rounds of {count} connections")
-                rounds: list[dict[str, Any]] = []
-                for i, mode in enumerate(round_modes(pairs)):
-                    n = count if mode in ("with", "without") else min(count, PROBES_ONLY_MAX)
-                    if mode.startswith("without"):
-                        res = storm_round(f"round{i}", n)
-                    else:
-                        with _Attached(source, reader=mode == "with") as attached:
-                            res = storm_round(f"round{i}", n)
-                            attached.drain()
-                        res.update(attached.counts)
-                    res["mode"] = mode
-                    rounds.append(res)
-                    log(f"bpf-overhead: round {i} {mode}: {res['rate']:.0f} conn/s "
-                        f"({res['completed']} done, {res['failed']} failed)"
-                        + (f"; delivered {res['delivered']}, UPDATEs {res['transitions']}, "
-                           f"kernel {res['kernel']}, reader {res['reader_cpu_s']} s CPU"
-                           if not mode.startswith("without") else ""))
+
+                def run_rounds(prefix: str, modes: list[str]) -> list[dict[str, Any]]:
+                    """A storm round per mode: ``without*`` with no probes, the others
+                    attached (``probes-only``: the reader held until the storm is over)."""
+                    out: list[dict[str, Any]] = []
+                    for i, mode in enumerate(modes):
+                        n = min(count, PROBES_ONLY_MAX) if mode in SHORT_MODES else count
+                        if mode.startswith("without"):
+                            res = storm_round(f"{prefix}{i}", n)
+                        else:
+                            with _Attached(source, reader=mode != "probes-only") as attached:
+                                res = storm_round(f"{prefix}{i}", n)
+                                attached.drain()
+                            res.update(attached.counts)
+                        res["mode"] = mode
+                        out.append(res)
+                        log(f"bpf-overhead: {prefix} {i} {mode}: {res['rate']:.0f} conn/s "
+                            f"({res['completed']} done, {res['failed']} failed)"
+                            + (f"; delivered {res['delivered']}, UPDATEs "
+                               f"{res['transitions']}, kernel {res['kernel']}, reader "
+                               f"{res['reader_cpu_s']} s CPU"
+                               if not mode.startswith("without") else ""))
+                    return out
+
+                rounds = run_rounds("round", round_modes(pairs))
                 result["rounds"] = rounds
                 with _Attached(source) as attached:
                     direct = storm_round("direct", max(300, count // 4), dst=web.ip,
@@ -375,19 +383,8 @@ def measure(*, pairs: int, seconds: float, log: Callable[[str], None]) -> dict[s
                 result["hooks_kprobes"] = {fn: list(how)
                                            for fn, how in source.source.hooks().items()}
                 source.source.detach()
-                kprobe_rounds: list[dict[str, Any]] = []
-                for i, mode in enumerate(["without"] + ["with-kprobes", "without"] * pairs):
-                    if mode == "without":
-                        res = storm_round(f"kprobes{i}", count)
-                    else:
-                        with _Attached(source) as attached:
-                            res = storm_round(f"kprobes{i}", count)
-                            attached.drain()
-                        res.update(attached.counts)
-                    res["mode"] = mode
-                    kprobe_rounds.append(res)
-                    log(f"bpf-overhead: kprobe variant round {i} {mode}: {res['rate']:.0f} "
-                        "conn/s")
+                kprobe_rounds = run_rounds("kprobe variant round",
+                                           ["without"] + ["with-kprobes", "without"] * pairs)
                 result["kprobe_rounds"] = kprobe_rounds
                 # The same storm watched by the other ways to follow conntrack.
                 result["netlink"] = _netlink_cpu(node, lambda: storm_round("netlink", count))
@@ -411,6 +408,10 @@ def neighbour_ratios(rounds: list[dict[str, Any]], mode: str) -> list[float]:
     """Each ``mode`` round's rate divided by the mean of the rounds on either side."""
     return [r["rate"] / statistics.mean([rounds[i - 1]["rate"], rounds[i + 1]["rate"]])
             for i, r in enumerate(rounds) if r["mode"] == mode]
+
+
+#: Rounds of PROBES_ONLY_MAX connections at most (their records wait in the ring buffer).
+SHORT_MODES = ("probes-only", "without-short")
 
 
 def round_modes(pairs: int) -> list[str]:
