@@ -31,7 +31,6 @@ from .conftest import (
     SharedAgent,
     assert_detached,
     bpf_prog_ids,
-    kprobe_events_of,
     prog_ids_of,
     wait_until,
     write_timing,
@@ -72,7 +71,6 @@ def test_probes_answer_once_the_bpf_source_is_attached(bpf_agent: SharedAgent) -
     # What an operator alerts on is exported from the start, for the bpf source.
     samples = agent_http.scrape(bpf_agent.port)
     assert key("cttrace_lost_events_total", source="bpf") in samples
-    assert key("cttrace_kretprobe_misses_total", source="bpf") in samples
     assert key("cttrace_bpf_entry_map_evictions_total", source="bpf") in samples
     # How each kernel function is hooked, and why.
     assert key("cttrace_source_hook_info", source="bpf", function="tcp_connect", mode="fentry",
@@ -90,8 +88,9 @@ def test_sigterm_under_load_exits_0_within_the_grace_period_and_detaches(
     agent = bpf_agent.process
     pid = agent.proc.pid
     programs = prog_ids_of(pid)
-    assert programs and programs <= bpf_prog_ids()
-    assert kprobe_events_of(pid)
+    # BCC's programs and the conntrack trampolines cttrace loaded itself (nothing of it is
+    # in tracefs: no kretprobe with a maxactive of its own is attached beside trampolines).
+    assert len(programs) >= 5 and programs <= bpf_prog_ids()
     grace = grace_period_s()
 
     before = agent_http.scrape(bpf_agent.port)
