@@ -249,7 +249,8 @@ def exported_metric_names() -> set[str]:
     metrics = Metrics(registry)
     metrics.event("netlink", "new")
     metrics.lost("netlink", 1)
-    metrics.add_source("bpf", lambda: SourceStats(extra={"kretprobe_misses": 0}))
+    metrics.add_source("bpf", lambda: SourceStats(extra={"kretprobe_misses": 0,
+                                                         "trampoline_misses": 0}))
     metrics.add_alertmanager(lambda: {k: 0 for k in ("sent", "failed", "retries", "rejected",
                                                      "dropped", "queue_depth")})
     metrics.add_conntrack(lambda: {"insert_failed": 0, "drop": 0, "early_drop": 0},
