@@ -331,7 +331,9 @@ def test_netlink_and_bpf_see_the_same_entry_and_transitions(
     assert [(a, b) for a, b in wanted if a in UNREPLIED_TCP_STATES] == [
         (a, b) for a, b in reported if a in UNREPLIED_TCP_STATES]
     assert [b for _, b in wanted] == [b for _, b in reported]
-    assert nl_changes[-1][1] == TcpState.TIME_WAIT  # ctnetlink saw the close
+    # ctnetlink saw the close (a later change may follow it: seen on 6.12, TIME_WAIT ->
+    # CLOSE, reported by both sources alike)
+    assert TcpState.TIME_WAIT in [b for _, b in nl_changes], nl_changes
 
 
 def test_the_kprobe_variant_reports_the_same_records(
