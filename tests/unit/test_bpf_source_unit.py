@@ -9,6 +9,7 @@ directory with a ``kprobe_profile`` as the kernel writes it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import os
 import select
@@ -376,6 +377,27 @@ def test_conntrack_hooks_fall_back_to_kprobes_saying_why(
     assert source.hooks()["nf_conntrack_tcp_packet"] == ("kprobe+kretprobe", why)
     assert source.hooks()["nf_ct_delete"] == ("kprobe", why)
     assert b"r___nf_conntrack_confirm" in fake.kprobe_fds
+
+
+def test_a_trampoline_that_cannot_attach_gives_way_to_the_kprobes(
+    opened: tuple[BpfSource, FakeBpf, Path], trampolines: list[tuple[str, str, str, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source, fake, _ = opened
+    source._features = replace(source._features, fentry_unavailable=None,  # type: ignore[type-var]
+                               module_fentry_unavailable=None)
+    source._load_trampolines(source._settings, source._features)  # type: ignore[arg-type]
+
+    def refuse(prog_fd: int) -> int:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(trampoline_module, "attach", refuse)
+    source._attach(source._settings)  # type: ignore[arg-type]
+    assert source._trampolines == []
+    assert source.hooks()["nf_conntrack_tcp_packet"] == (
+        "kprobe+kretprobe", "trampolines failed: cannot attach fexit to __nf_conntrack_confirm: "
+        "Device or resource busy")
+    assert b"r_nf_conntrack_tcp_packet" in fake.kprobe_fds
 
 
 def test_a_refused_trampoline_falls_back_to_kprobes_with_the_kernels_reason(

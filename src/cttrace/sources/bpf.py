@@ -528,9 +528,7 @@ class BpfSource:
         if bpf is None or self._settings is None:
             raise SourceError("bpf source is not open")
         if module_kprobes and self._trampolines:
-            while self._trampolines:
-                self._trampolines.pop().close()
-            self._module_kprobe_why = "kprobes asked for (attach(module_kprobes=True))"
+            self._drop_trampolines("kprobes asked for (attach(module_kprobes=True))")
         self._attach(self._settings)
         while self._detached_tracepoints:
             tp = self._detached_tracepoints[-1]
@@ -547,8 +545,7 @@ class BpfSource:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
-        while self._trampolines:
-            self._trampolines.pop().close()
+        self._drop_trampolines("closed")
         if self._bpf is not None:
             bpf, self._bpf = self._bpf, None
             bpf.cleanup()  # detaches every probe, frees buffers, closes program fds
@@ -598,11 +595,20 @@ class BpfSource:
         except SourceError as exc:
             self._module_kprobe_why = f"trampolines failed: {exc}"
 
+    def _drop_trampolines(self, why: str) -> None:
+        """Detach and unload the conntrack trampolines: their kprobes take over."""
+        while self._trampolines:
+            self._trampolines.pop().close()
+        self._module_kprobe_why = why
+
     def _attach(self, settings: BpfSettings) -> None:
         bpf = self._bpf
         maxactive = usable_maxactive(settings.kretprobe_maxactive)
-        for trampoline in self._trampolines:
-            trampoline.attach()
+        try:
+            for trampoline in self._trampolines:
+                trampoline.attach()
+        except SourceError as exc:
+            self._drop_trampolines(f"trampolines failed: {exc}")
         probes = [] if self._trampolines else list(_KPROBES)
         if settings.fentry:
             # BCC attached it when it loaded the program; again after a detach().
