@@ -437,6 +437,7 @@ _PROGRAM_HOOKS = {
     "ctt_tcp_packet_return": "nf_conntrack_tcp_packet",
     "ctt_ct_delete": "nf_ct_delete", "ctt_connect_enter": "tcp_connect",
     "kfunc__tcp_connect": "tcp_connect", "ctt_send_reset_enter": "tcp_v4_send_reset",
+    "ctt_send_reset6_enter": "tcp_v6_send_reset",
     "tracepoint__tcp__tcp_receive_reset": "tcp:tcp_receive_reset",
     "tracepoint__tcp__tcp_send_reset": "tcp:tcp_send_reset",
 }

@@ -37,7 +37,7 @@ from cttrace.sinks.jsonl import JsonLinesSink
 from cttrace.sinks.live import LiveView
 from cttrace.sources import bpf as bpf_module
 from cttrace.sources import trampoline as trampoline_module
-from cttrace.sources.bpf import BpfSettings, BpfSource
+from cttrace.sources.bpf import KPROBE_VARIANT_WHY, BpfSettings, BpfSource
 from cttrace.sources.bpf_layout import (
     CNT_FILTERED,
     CNT_FILTERED_TRANSITION,
@@ -355,8 +355,7 @@ def test_conntrack_hooks_are_fexit_and_fentry_where_module_btf_allows(
     assert source._trampolines == []
     assert b"p_nf_conntrack_tcp_packet" in fake.kprobe_fds
     assert b"r_nf_conntrack_tcp_packet" in fake.kprobe_fds
-    assert source.hooks()["nf_conntrack_tcp_packet"] == (
-        "kprobe+kretprobe", "kprobes asked for (attach(module_kprobes=True))")
+    assert source.hooks()["nf_conntrack_tcp_packet"] == ("kprobe+kretprobe", KPROBE_VARIANT_WHY)
 
 
 @pytest.mark.parametrize("why", [

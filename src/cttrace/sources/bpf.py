@@ -84,6 +84,9 @@ _TRAMPOLINES = (
 )
 _TRAMPOLINE_WHY = ("nf_conntrack module function: loaded by cttrace against the module's BTF "
                    "(BCC attaches trampolines to vmlinux functions only)")
+#: Why the conntrack hooks are kprobes after attach(module_kprobes=True).
+KPROBE_VARIANT_WHY = ("the fallback (no BTF or trampolines, or no CAP_SYS_ADMIN to open the "
+                      "module's BTF object), switched to without recompiling")
 #: The same hooks as kprobes, where trampolines cannot be had:
 #: (kernel function, entry program, return program or None)
 _KPROBES = (
@@ -528,7 +531,7 @@ class BpfSource:
         if bpf is None or self._settings is None:
             raise SourceError("bpf source is not open")
         if module_kprobes and self._trampolines:
-            self._drop_trampolines("kprobes asked for (attach(module_kprobes=True))")
+            self._drop_trampolines(KPROBE_VARIANT_WHY)
         self._attach(self._settings)
         while self._detached_tracepoints:
             tp = self._detached_tracepoints[-1]
