@@ -304,7 +304,7 @@ def _bpf_section(bpf: object,
     only_ratio = statistics.median(bpf.probes_only_ratios)
     lost = sum(r["kernel"]["lost"] for r in attached)
     filtered = per.get("kernel.filtered_entries", 0) + per.get("kernel.filtered_transitions", 0)
-    measured = (f"{ratio:.2f} under TCG emulation ({_n(rate_off)} → {_n(rate_on)} conn/s; "
+    measured = (f"{ratio:.3f} under TCG emulation ({_n(rate_off)} → {_n(rate_on)} conn/s; "
                 f"probes alone, reader held: {only_ratio:.2f})")
     conns = sum(r["completed"] + r["failed"] for r in attached)
     records = (f"{emitted:.3f} ({sum(sum(r['delivered'].values()) for r in attached):,} "
@@ -483,7 +483,7 @@ def _kprobe_variant(bpf: bpf_overhead.BpfOverhead
     on = statistics.median(r["rate"] for r in rounds)
     goal = (f"bpf source on {bpf.kernel}, conntrack hooks as kprobes (the fallback): conn "
             "rate with probes ÷ without", "(reported)",
-            f"{ratio:.2f} under TCG emulation ({_n(off)} → {_n(on)} conn/s; "
+            f"{ratio:.3f} under TCG emulation ({_n(off)} → {_n(on)} conn/s; "
             + ", ".join(f"{x:.3f}" for x in bpf.kprobe_ratios) + ")", "n/a")
     body = _probe_hits(bpf, rounds, bpf.hooks_kprobes,
                        " with the conntrack hooks as kprobes (the fallback; same storm, "
