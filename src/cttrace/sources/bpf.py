@@ -11,9 +11,16 @@ is also what ``--dump-bpf`` prints.
 Compiling takes seconds on a real node (minutes under emulation), so a
 process compiles once per :meth:`open`. Lost events are never silent: failed
 buffer writes are counted in the kernel, perf's lost records are counted in
-userspace, both come out as :class:`cttrace.events.Lost`, and kretprobe misses
+userspace, both come out as :class:`cttrace.events.Lost`, kretprobe misses
 (returns the kernel could not instrument because more than ``maxactive``
-calls were in flight) are read from tracefs' ``kprobe_profile``.
+calls were in flight) are read from tracefs' ``kprobe_profile``, and runs of a
+trampoline program the kernel skipped from its fdinfo (``recursion_misses``).
+
+The nf_conntrack hooks come in two variants compiled together: BPF trampolines,
+which BCC cannot attach to a module's functions and
+:mod:`cttrace.sources.trampoline` loads, and kprobes, the fallback where the
+kernel, or the agent's capabilities, do not allow trampolines (:meth:`BpfSource.hooks`
+says which and why).
 """
 
 from __future__ import annotations
