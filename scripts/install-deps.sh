@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-base}
 
-base_pkgs=(iproute2 iptables nftables conntrack procps python3-venv python3-pip python3-bpfcc bpfcc-tools)
+base_pkgs=(iproute2 iptables nftables conntrack procps python3-venv python3-pip python3-bpfcc bpfcc-tools
+           libbpf1)  # libbpf1: BCC depends on it; cttrace loads its BTF reader itself
 test_pkgs=(prometheus-alertmanager)
 
 want=("${base_pkgs[@]}")
