@@ -123,6 +123,7 @@ def check_bpf(headers: str | None = None, view: KernelView | None = None) -> Bpf
     if missing:
         raise SourceError(missing_functions_reason(view, release, missing, tracefs))
     headers_dir = find_kernel_headers(view, headers if headers else os.environ.get(HEADERS_ENV))
+    fentry = fentry_unavailable(view)
     return BpfFeatures(
         release=release,
         headers_dir=headers_dir,
@@ -131,9 +132,10 @@ def check_bpf(headers: str | None = None, view: KernelView | None = None) -> Bpf
         send_reset_tracepoint=tracepoint_exists(view, tracefs, "tcp", "tcp_send_reset"),
         receive_reset_tracepoint=tracepoint_exists(view, tracefs, "tcp", "tcp_receive_reset"),
         tracefs=tracefs,
-        fentry_unavailable=fentry_unavailable(view),
+        fentry_unavailable=fentry,
         send_reset6_kprobe=SEND_RESET6_KPROBE in functions,
-        module_fentry_unavailable=module_fentry_unavailable(view),
+        # fentry_unavailable reads all of /proc/kallsyms: once for both.
+        module_fentry_unavailable=fentry or module_btf_missing(view),
     )
 
 
@@ -275,15 +277,19 @@ def fentry_unavailable(view: KernelView) -> str | None:
 def module_fentry_unavailable(view: KernelView, module: str = CONNTRACK_MODULE) -> str | None:
     """Why the functions of ``module`` cannot carry BPF trampolines; None: they can.
 
-    Beyond what :func:`fentry_unavailable` needs: a loaded module's own BTF
-    (/sys/kernel/btf/<module>, CONFIG_DEBUG_INFO_BTF_MODULES; v5.11 attaches
-    trampolines to module functions), which cttrace reads with libbpf. A module
-    built into the kernel (/sys/module/<module> without ``initstate``) is in
+    What :func:`fentry_unavailable` needs, and :func:`module_btf_missing`.
+    """
+    return fentry_unavailable(view) or module_btf_missing(view, module)
+
+
+def module_btf_missing(view: KernelView, module: str = CONNTRACK_MODULE) -> str | None:
+    """Why ``module``'s functions have no BTF to load trampolines against; None: they have.
+
+    A loaded module's own BTF (/sys/kernel/btf/<module>, CONFIG_DEBUG_INFO_BTF_MODULES;
+    v5.11 attaches trampolines to module functions), which cttrace reads with libbpf. A
+    module built into the kernel (/sys/module/<module> without ``initstate``) is in
     vmlinux's BTF.
     """
-    reason = fentry_unavailable(view)
-    if reason:
-        return reason
     if view.path(f"sys/kernel/btf/{module}").is_file():
         return None
     if view.path(f"sys/module/{module}").is_dir() and \

@@ -258,14 +258,10 @@ class Trampoline:
         self.detach()
         os.close(self.prog_fd)
 
-    def fdinfo(self) -> dict[str, int]:
-        """The kernel's counters of the program (/proc/self/fdinfo/<fd>): ``run_cnt`` and
-        ``run_time_ns`` (with kernel.bpf_stats_enabled), ``recursion_misses``."""
-        return prog_fdinfo(self.prog_fd)
-
 
 def prog_fdinfo(fd: int) -> dict[str, int]:
-    """The numeric fields of a BPF program fd's fdinfo."""
+    """The numeric fields of a BPF program fd's fdinfo (/proc/self/fdinfo/<fd>): ``run_cnt``
+    and ``run_time_ns`` (with kernel.bpf_stats_enabled), ``recursion_misses``, ..."""
     try:
         text = Path(f"/proc/self/fdinfo/{fd}").read_text()
     except OSError:
