@@ -155,7 +155,12 @@ def _kernel_counts(stats: Any) -> dict[str, int]:
             "kept_in_kernel": extra.get("kept_in_kernel", 0),
             "entry_map_evictions": extra.get("entry_map_evictions", 0),
             "kprobe_misses": extra.get("kprobe_misses", 0),
-            "kretprobe_misses": extra.get("kretprobe_misses", 0)}
+            "kretprobe_misses": extra.get("kretprobe_misses", 0),
+            "trampoline_misses": extra.get("trampoline_misses", 0)}
+
+
+#: Counters that start again with each attach (tracefs' counts of the probes it creates).
+_PER_ATTACH = ("kprobe_misses", "kretprobe_misses")
 
 
 class _Attached:
@@ -222,7 +227,9 @@ class _Attached:
         self.counts = {
             "delivered": {k: n for k, n in sorted(kinds.items()) if n},
             "transitions": {k: n for k, n in sorted(transitions.items()) if n},
-            "kernel": {k: after[k] - self.before[k] if "misses" not in k else after[k]
+            # kprobe misses are the round's own probes' (created at attach); the other
+            # counters, trampoline misses included, count from the load: this round's share.
+            "kernel": {k: after[k] if k in _PER_ATTACH else after[k] - self.before[k]
                        for k in after},
             "reader_cpu_s": round(_cpu_self() - self.cpu0, 3),
             "reads": self.source.reads - self.reads0,

@@ -388,7 +388,7 @@ def _bpf_section(bpf: object,
     ]
     for key, label in _KINDS:
         body.append(f"| emitted: {label} | {per.get(key, 0):.2f} | {direct.get(key, 0):.2f} |")
-    records = sum(sum(r["delivered"].values()) for r in withs) or 1
+    records = sum(sum(r["delivered"].values()) for r in withs)
     cpu = sum(r["reader_cpu_s"] for r in withs)
     read_s = sum(r["read_s"] for r in withs)
     storm_s = sum(r["seconds"] for r in withs) or 1.0
@@ -409,13 +409,19 @@ def _bpf_section(bpf: object,
         f"{sum(r['completed'] for r in attached):,} connections; lost {lost:,}; kretprobe "
         f"misses {sum(r['kernel']['kretprobe_misses'] for r in attached):,} (returns the "
         "kernel did not report to a kretprobe); kprobe misses "
-        f"{sum(r['kernel']['kprobe_misses'] for r in attached):,}. In the with-rounds the "
-        f"reader woke {sum(r['reads'] for r in withs):,} times for {records:,} records and "
-        f"used {cpu:.1f} s CPU between attach and detach, which enclose {storm_s:.1f} s of "
-        f"storm (and the drain after each), {1e6 * cpu / records:.0f} µs per record, of which "
-        f"{1e6 * read_s / records:.0f} µs inside `BpfSource.read()` (ring buffer consume, "
-        "one ctypes callback per record, decode, loss check) and the rest in the correlator "
-        "and the loop.", "",
+        f"{sum(r['kernel']['kprobe_misses'] for r in attached):,}"
+        + (f"; trampoline misses {sum(r['kernel']['trampoline_misses'] for r in attached):,}"
+           " (runs the kernel skipped)"
+           if all("trampoline_misses" in r["kernel"] for r in attached) else "")
+        + f". In the with-rounds the reader woke {sum(r['reads'] for r in withs):,} times for "
+        f"{records:,} records and used {cpu:.1f} s CPU between attach and detach, which "
+        f"enclose {storm_s:.1f} s of storm (and the drain after each), "
+        + (f"{1e6 * cpu / records:.0f} µs per record, of which "
+           f"{1e6 * read_s / records:.0f} µs inside `BpfSource.read()` (ring buffer consume, "
+           "one ctypes callback per record, decode, loss check) and the rest in the "
+           "correlator and the loop." if records else
+           f"{read_s:.2f} s of it inside `BpfSource.read()` and the rest in the correlator "
+           "and the loop, with no record to handle."), "",
     ]
     body += _probe_hits(bpf, attached)
     body += kprobe_body

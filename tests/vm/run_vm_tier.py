@@ -132,7 +132,7 @@ def vng_argv(vng: Path, kernel: Path, out: Path, guest: str, memory: str,
 def vng_command(vng: Path, kernel: Path, out: Path, pytest_args: list[str],
                 memory: str, cpus: int) -> list[str]:
     # The guest runs this line in a shell: each word quoted (a -k expression has spaces).
-    guest = " ".join(shlex.quote(word) for word in [
+    guest = shlex.join([
         "sh", str(GUEST_SCRIPT), str(out), sys.executable,
         f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args,
     ])
