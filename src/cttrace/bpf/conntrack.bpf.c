@@ -336,16 +336,16 @@ static __always_inline void ctt_forget_unreplied(const struct ctt_tracked *t, __
  * The entry became interesting: from now on userspace holds it.  Its history
  * so far is sent first: the creating socket's connect(), a NEW stamped with
  * the confirm time, and, when it was answered before state_before (the state
- * at this moment), its first reply.  Nothing when it was reported already.
+ * at this moment), its first reply.  Nothing when it was reported already:
+ * of two CPUs that find it unreported, the one that swaps `reported` sends it.
  */
 static __always_inline void ctt_report_entry(void *ctx, struct nf_conn *ct, __u64 ct_ptr,
 					     struct ctt_tracked *t, __u8 state_before)
 {
 	struct ctt_ct_event ev = {};
 
-	if (t->reported)
+	if (t->reported || __sync_val_compare_and_swap(&t->reported, 0, 1) != 0)
 		return;
-	t->reported = 1;
 	ctt_count(CTT_CNT_REPORTED);
 	if (t->creator.hdr.kind)
 		ctt_emit(ctx, &t->creator, sizeof(t->creator));
@@ -375,6 +375,7 @@ static __always_inline void ctt_report_transition(void *ctx, struct nf_conn *ct,
 {
 	struct ctt_ct_event ev = {};
 	__u64 now = bpf_ktime_get_ns();
+	__u64 seen;
 	__u8 state = 0;
 
 	CTT_READ(state, ct, struct nf_conn, proto.tcp.state);
@@ -385,7 +386,15 @@ static __always_inline void ctt_report_transition(void *ctx, struct nf_conn *ct,
 			ctt_report_entry(ctx, ct, ct_ptr, t, old_state);
 		return;
 	}
-	t->state = state;
+	/*
+	 * Claim the change: two CPUs that each finished a packet of this entry (the
+	 * final ACK and a retransmitted FIN, say) before either program ran read the
+	 * same state here; the one that swaps it reports the change, the other finds
+	 * the new state stored and has nothing new to say.
+	 */
+	seen = t->state;
+	if (seen == state || __sync_val_compare_and_swap(&t->state, seen, state) != seen)
+		return;
 	if (old_state == TCP_CONNTRACK_SYN_SENT && !t->replied_ns) {
 		t->replied_ns = now;  /* the first reply (or the RST that closed it unanswered) */
 		ctt_forget_unreplied(t, ct_ptr);
@@ -413,7 +422,8 @@ static __always_inline void ctt_report_transition(void *ctx, struct nf_conn *ct,
  * tracked this is the whole cost: one hash lookup.  Two CPUs may each finish a
  * packet of one entry before either program runs (the lock is released by
  * then): both see the newest state, and the intermediate one is not reported,
- * the same window the kprobe pair has between its two probes.
+ * the same window the kprobe pair has between its two probes; the change itself
+ * is reported once (ctt_report_transition claims it).
  */
 BPF_PROG(ctt_tcp_packet_fexit, struct nf_conn *ct)
 {

@@ -111,11 +111,15 @@ struct ctt_tracked {
 	__u16 zone;
 	__u16 l3num;
 	__u32 status;           /* ct->status at confirm */
-	__u8 state;             /* the last ct->proto.tcp.state seen */
-	__u8 reported;          /* userspace holds this entry: its changes and delete go out */
-	__u8 _pad[6];
+	/*
+	 * Two programs on two CPUs may handle one entry at once, so these two are
+	 * claimed with __sync_val_compare_and_swap: 64 bits wide because an atomic
+	 * on a 32-bit word needs alu32, which BCC's default BPF target lacks.
+	 */
+	__u64 state;            /* the last ct->proto.tcp.state reported or passed over */
+	__u64 reported;         /* 1: userspace holds this entry: its changes and delete go out */
 	struct ctt_connect_event creator;  /* hdr.kind 0: no local connect() seen creating it */
-};                               /* 208 bytes */
+};                               /* 216 bytes */
 
 /* The client side of an entry (its original source), for joins by address and port. */
 struct ctt_client_key {

@@ -110,9 +110,8 @@ class CttTracked(ctypes.Structure):
         ("zone", ctypes.c_uint16),
         ("l3num", ctypes.c_uint16),
         ("status", ctypes.c_uint32),
-        ("state", ctypes.c_uint8),
-        ("reported", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 6),
+        ("state", ctypes.c_uint64),
+        ("reported", ctypes.c_uint64),
         ("creator", CttConnectEvent),
     )
 
