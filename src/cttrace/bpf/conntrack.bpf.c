@@ -1,15 +1,16 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * conntrack.bpf.c: NATed TCP conntrack entries from confirm to delete.
+ * conntrack.bpf.c: translated (DNAT or IPVS) TCP conntrack entries from confirm to delete.
  *
  *   __nf_conntrack_confirm (fexit, or kprobe + kretprobe) -> the entry is tracked
  *   nf_conntrack_tcp_packet (fexit, or kprobe + kretprobe) -> its state changes
  *   nf_ct_delete (fentry, or kprobe)                       -> it is gone
  *
- * Only TCP entries with a NAT transformation (IPS_NAT_MASK) are tracked.  The
- * kernel keeps what it knows of each (creation time, tuples, the socket that
- * created it, its last TCP state: struct ctt_tracked) and sends a record to
- * userspace only once the entry becomes interesting to a rule (ctt_report_entry):
+ * Only TCP entries whose destination was translated (ctt_translated: DNAT, or
+ * IPVS) are tracked.  The kernel keeps what it knows of each (creation time,
+ * tuples, the socket that created it, its last TCP state: struct ctt_tracked)
+ * and sends a record to userspace only once the entry becomes interesting to a
+ * rule (ctt_report_entry):
  *   - its first reply comes CTT_LATE_NS or more after confirm, or it is still
  *     unreplied that long when the client retransmits (late-establish,
  *     wrong-pod, the no-reply evidence of unnated-reply);
@@ -89,17 +90,31 @@ static __always_inline void ctt_count_insert_failed(__u32 netns)
 		__sync_fetch_and_add(count, 1);
 }
 
-/* Fill ev with what the kernel holds for ct.  The tuples are read with one
- * explicit bpf_probe_read_kernel each (see maps.bpf.c). */
+/*
+ * Was the entry's destination translated?  A NAT status bit (iptables or
+ * nftables DNAT, and SNAT: nf_nat), or a reply that comes from another address
+ * or port than the client connected to: IPVS with net.ipv4.vs.conntrack=1
+ * (kube-proxy's IPVS mode) rewrites the unconfirmed entry's reply tuple itself
+ * (ip_vs_update_conntrack -> nf_conntrack_alter_reply, before the packet goes
+ * on to POST_ROUTING's confirm) and sets no NAT bit.  The netlink source keeps
+ * the same entries (cttrace.sources.ctnetlink.translated).
+ */
+static __always_inline int ctt_translated(unsigned long status,
+					  const struct nf_conntrack_tuple *orig,
+					  const struct nf_conntrack_tuple *reply)
+{
+	return (status & IPS_NAT_MASK) || orig->dst.u.all != reply->src.u.all ||
+	       !ctt_addr_eq((const __u8 *)&orig->dst.u3, (const __u8 *)&reply->src.u3);
+}
+
+/* Fill ev with what the kernel holds for ct, whose tuples and status were read
+ * already (with one explicit bpf_probe_read_kernel each: see maps.bpf.c). */
 static __always_inline void ctt_read_entry(struct ctt_ct_event *ev,
 					   const struct nf_conn *ct,
-					   const struct nf_conntrack_tuple *orig)
+					   const struct nf_conntrack_tuple *orig,
+					   const struct nf_conntrack_tuple *reply,
+					   unsigned long status)
 {
-	struct nf_conntrack_tuple reply = {};
-	unsigned long status = 0;
-
-	CTT_READ(reply, ct, struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple);
-	CTT_READ(status, ct, struct nf_conn, status);
 	CTT_READ(ev->tcp_state, ct, struct nf_conn, proto.tcp.state);
 #ifdef CONFIG_NF_CONNTRACK_MARK
 	CTT_READ(ev->mark, ct, struct nf_conn, mark);
@@ -111,7 +126,7 @@ static __always_inline void ctt_read_entry(struct ctt_ct_event *ev,
 	ev->status = (__u32)status;
 	ev->l3num = orig->src.l3num;
 	ctt_copy_tuple(&ev->orig, orig);
-	ctt_copy_tuple(&ev->reply, &reply);
+	ctt_copy_tuple(&ev->reply, reply);
 }
 
 /*
@@ -124,7 +139,7 @@ static __always_inline void ctt_read_entry(struct ctt_ct_event *ev,
 static __always_inline int ctt_confirm_read(struct sk_buff *skb, struct ctt_ct_event *ev)
 {
 	unsigned long nfct = 0, status = 0;
-	struct nf_conntrack_tuple orig = {};
+	struct nf_conntrack_tuple orig = {}, reply = {};
 	struct nf_conn *ct;
 	__u32 netns;
 
@@ -134,8 +149,13 @@ static __always_inline int ctt_confirm_read(struct sk_buff *skb, struct ctt_ct_e
 		return 0;
 
 	CTT_READ(orig, ct, struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple);
+	if (orig.dst.protonum != IPPROTO_TCP) {
+		ctt_count(CTT_CNT_FILTERED);
+		return 0;
+	}
+	CTT_READ(reply, ct, struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple);
 	CTT_READ(status, ct, struct nf_conn, status);
-	if (orig.dst.protonum != IPPROTO_TCP || !(status & IPS_NAT_MASK)) {
+	if (!ctt_translated(status, &orig, &reply)) {
 		ctt_count(CTT_CNT_FILTERED);
 		return 0;
 	}
@@ -147,7 +167,7 @@ static __always_inline int ctt_confirm_read(struct sk_buff *skb, struct ctt_ct_e
 
 	ev->hdr.kind = CTT_EV_CT_NEW;
 	ev->hdr.netns_ino = netns;
-	ctt_read_entry(ev, ct, &orig);
+	ctt_read_entry(ev, ct, &orig, &reply, status);
 	return 1;
 }
 
@@ -459,15 +479,18 @@ int ctt_tcp_packet_return(struct pt_regs *ctx)
 	return 0;
 }
 
-/* A confirmed NATed TCP entry of the traced namespace(s): ctt_tracked should hold it. */
+/* A confirmed translated TCP entry of the traced namespace(s): ctt_tracked should hold it. */
 static __always_inline int ctt_should_be_tracked(const struct nf_conn *ct)
 {
+	struct nf_conntrack_tuple orig = {}, reply = {};
 	unsigned long status = 0;
-	__u8 proto = 0;
 
+	CTT_READ(orig, ct, struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple);
+	if (orig.dst.protonum != IPPROTO_TCP)
+		return 0;
+	CTT_READ(reply, ct, struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple);
 	CTT_READ(status, ct, struct nf_conn, status);
-	CTT_READ(proto, ct, struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple.dst.protonum);
-	if (proto != IPPROTO_TCP || !(status & IPS_NAT_MASK) || !(status & IPS_CONFIRMED))
+	if (!(status & IPS_CONFIRMED) || !ctt_translated(status, &orig, &reply))
 		return 0;
 	return !CTT_NETNS_INO || ctt_ct_netns(ct) == CTT_NETNS_INO;
 }

@@ -26,14 +26,14 @@
 
 /* Slots of the per-CPU counter map ctt_counters. */
 #define CTT_CNT_LOST          0 /* output to the ring/perf buffer failed: event lost */
-#define CTT_CNT_FILTERED      1 /* confirm seen but not TCP, not NATed or other netns */
+#define CTT_CNT_FILTERED      1 /* confirm seen but not TCP, not translated or other netns */
 #define CTT_CNT_NOT_ACCEPTED  2 /* confirm returned != NF_ACCEPT (insert clash: drop) */
 #define CTT_CNT_STASH_FULL    3 /* a call could not be remembered for its return probe: event lost */
 #define CTT_CNT_FILTERED_TRANSITION 4 /* a tracked entry's state change no rule needs: not sent */
 #define CTT_CNT_EMITTED       5 /* records written to the ring/perf buffer */
-#define CTT_CNT_TRACKED       6 /* NATed TCP entries added to ctt_tracked at confirm */
+#define CTT_CNT_TRACKED       6 /* translated TCP entries added to ctt_tracked at confirm */
 #define CTT_CNT_REPORTED      7 /* tracked entries that became interesting: sent to userspace */
-#define CTT_CNT_UNSEEN_DELETE 8 /* a NATed TCP entry's delete found no ctt_tracked record:
+#define CTT_CNT_UNSEEN_DELETE 8 /* a translated TCP entry's delete found no ctt_tracked record:
 				 * evicted by the LRU, or confirmed before the programs attached */
 #define CTT_CNT_QUIET         9 /* connects and resets kept in the kernel: no rule needs them */
 #define CTT_NR_COUNTERS       10
