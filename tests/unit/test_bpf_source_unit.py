@@ -88,15 +88,27 @@ class FakeWatched:
 class FakeTracked:
     """``bpf["ctt_tracked"]``: the kernel's kept entries, nf_conn address -> struct."""
 
+    map_fd = 77
+
     def __init__(self) -> None:
         self.entries: dict[int, CttTracked] = {}
+        # Entries the kernel deletes right after userspace has read them.
+        self.deleted_after_read: set[int] = set()
 
     def items(self) -> list[tuple[ctypes.c_uint64, CttTracked]]:
-        return [(ctypes.c_uint64(k), CttTracked.from_buffer_copy(bytes(v)))
-                for k, v in self.entries.items()]
+        out = [(ctypes.c_uint64(k), CttTracked.from_buffer_copy(bytes(v)))
+               for k, v in self.entries.items()]
+        for k in self.deleted_after_read:
+            del self.entries[k]
+        return out
 
-    def __setitem__(self, key: ctypes.c_uint64, value: CttTracked) -> None:
+    def update_existing(self, map_fd: int, key: ctypes.c_uint64, value: CttTracked) -> bool:
+        """bpf_syscall.update_existing on this map: BPF_EXIST."""
+        assert map_fd == self.map_fd
+        if key.value not in self.entries:
+            return False
         self.entries[key.value] = value
+        return True
 
 
 class FakeBpf:
@@ -430,8 +442,16 @@ def kept(target: str, *, replied: bool, reported: bool = False) -> CttTracked:
     return t
 
 
+@pytest.fixture
+def map_updates(opened: tuple[BpfSource, FakeBpf, Path],
+                monkeypatch: pytest.MonkeyPatch) -> FakeTracked:
+    """Write-backs to ctt_tracked land in the fake map."""
+    monkeypatch.setattr("cttrace.sources.bpf.update_existing", opened[1].tracked.update_existing)
+    return opened[1].tracked
+
+
 def test_a_watched_target_replays_the_entries_the_kernel_kept_toward_it(
-    opened: tuple[BpfSource, FakeBpf, Path],
+    opened: tuple[BpfSource, FakeBpf, Path], map_updates: FakeTracked,
 ) -> None:
     """dead-endpoint needs the live entries toward an IP once its pod is gone: watching the
     IP puts it in the kernel's map and replays, at the next read, every kept entry toward it
@@ -453,6 +473,25 @@ def test_a_watched_target_replays_the_entries_the_kernel_kept_toward_it(
     assert source.stats().extra["watched_targets"] == 1
     source.unwatch_target("10.244.0.7")
     assert fake.watched.keys == set()
+
+
+def test_an_entry_deleted_while_replayed_is_neither_replayed_nor_brought_back(
+    opened: tuple[BpfSource, FakeBpf, Path], map_updates: FakeTracked,
+) -> None:
+    """The kernel deletes a kept entry between userspace's read and its write-back: its
+    DESTROY never left the kernel (it was not reported), so replaying it would leave
+    userspace holding a connection that is gone (dead-endpoint on a closed connection),
+    and writing it back would put it in the map again with nothing left to delete it."""
+    source, fake, _ = opened
+    fake.tracked.entries = {
+        0x1000: kept("10.244.0.7", replied=True),
+        0x2000: kept("10.244.0.7", replied=True),
+    }
+    fake.tracked.deleted_after_read = {0x2000}
+    source.watch_target("10.244.0.7")
+    events = source.read()
+    assert {e.entry_id for e in events} == {0x1000}
+    assert set(fake.tracked.entries) == {0x1000}
 
 
 def test_the_live_table_shows_the_entries_the_kernel_keeps_read_at_refresh(

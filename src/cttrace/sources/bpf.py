@@ -63,6 +63,7 @@ from cttrace.sources.bpf_layout import (
     tracked_events,
     tracked_flows,
 )
+from cttrace.sources.bpf_syscall import update_existing
 from cttrace.sources.kprobe_events import usable_maxactive
 from cttrace.sources.probe import (
     CONNTRACK_MODULE,
@@ -393,7 +394,13 @@ class BpfSource:
 
     def _replay_watched(self) -> list[Event]:
         """The entries the kernel kept toward the newly watched targets, as the records it
-        would have sent; each is marked reported so that its changes and delete follow."""
+        would have sent; each is marked reported so that its changes and delete follow.
+
+        The mark is a write-back of the whole value read a moment before, made only if
+        the kernel still holds the entry: one deleted meanwhile (its DESTROY unsent, as
+        it was not reported) is left deleted and not replayed, so userspace never holds
+        an entry that is gone. A state change the kernel stored in between is
+        overwritten by the older state, and would be reported once more."""
         targets = {addr_key(ip) for ip in self._replay}
         self._replay.clear()
         table = self._bpf["ctt_tracked"]
@@ -402,12 +409,14 @@ class BpfSource:
             tracked = CttTracked.from_buffer_copy(bytes(value))
             if tracked.reported or bytes(tracked.reply.saddr) not in targets:
                 continue
-            out.extend(tracked_events(int(key.value), tracked, self._mono_to_wall))
             value.reported = 1
             try:
-                table[key] = value  # races the kernel's own update: at worst a state is stale
-            except Exception:  # BCC raises bare Exception; the entry was deleted meanwhile
-                continue
+                held = update_existing(table.map_fd, key, value)
+            except OSError as exc:
+                raise SourceError(f"cannot mark a kept entry reported in ctt_tracked: "
+                                  f"{exc.strerror}") from exc
+            if held:
+                out.extend(tracked_events(int(key.value), tracked, self._mono_to_wall))
         return out
 
     def kept_entries(self) -> list[Entry]:
