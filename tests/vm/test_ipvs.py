@@ -4,7 +4,8 @@ shared ``cttrace watch --source bpf``, each a separate process, as a user runs t
 
 What is measured: whether the retry from the same source port still reaches the pod
 that inherited a dead pod's IP when IPVS, not iptables, translates the Service, and
-what each source reports. kube-proxy sets ``net.ipv4.vs.conntrack=1`` (IPVS keeps a
+what each source reports: both keep IPVS's entries, translated though they carry no
+NAT status bit. kube-proxy sets ``net.ipv4.vs.conntrack=1`` (IPVS keeps a
 netfilter conntrack entry per connection) and ``expire_nodest_conn=1`` (a packet of a
 connection whose real server is gone expires the IPVS connection); IPVS rewrites the
 entry's reply tuple itself (ip_vs_update_conntrack -> nf_conntrack_alter_reply)
@@ -117,29 +118,35 @@ def finding(watch: WatchProcess, rule: str, result: ScenarioResult,
 
 def test_recycled_ip_under_ipvs(tmp_path: Path, bpf_watch: SharedWatch) -> None:
     """Measured: the retry does not reach the pod that inherited the IP; the node refuses
-    it, and the entry the first SYN made is gone by then (see the README's Datapaths)."""
+    it, and the entry the first SYN made is gone by then (see the README's Datapaths).
+    The bpf source sees the retry's socket connect onto that unreplied entry."""
     with watched(tmp_path, bpf_watch, "recycled-ip") as (bg, netlink):
         result = bg.result(timeout=SCENARIO_DEADLINE_S)
         connections = ipvs_listing(bg.node_netns)
+        inherited = finding(bpf_watch.process, "inherited-entry", result)
         by_netlink = finding(netlink, "wrong-pod", result, timeout=10)
         by_bpf = finding(bpf_watch.process, "wrong-pod", result, timeout=10)
         assert netlink.stop() == 0, netlink.stderr.decode()
     record("recycled-ip", result, netlink.lines, bpf_watch.process.lines,
            ipvs_connections=connections, caught={"netlink": by_netlink is not None,
-                                                 "bpf": by_bpf is not None})
+                                                 "bpf": by_bpf is not None,
+                                                 "bpf inherited-entry": inherited is not None})
     assert result.proxy == PROXY
     assert_seen_without_a_nat_bit(netlink.lines, result)
     assert result.attempts[-1].outcome == "refused", result.attempts
     assert result.conntrack["after-retry"] == ()
-    assert by_netlink is None  # no wrong pod was reached, and none is reported
+    # No wrong pod was reached, and neither source reports one.
+    assert by_netlink is None and by_bpf is None
+    assert inherited is not None, "the bpf source did not report the inherited entry"
+    assert inherited["target"] == {"ip": result.target[0], "port": result.target[1]}
 
 
 def test_dead_pod_under_ipvs(tmp_path: Path, bpf_watch: SharedWatch) -> None:
-    """Measured: the netlink source reports the entry that outlives its pod."""
+    """Measured: both sources report the entry that outlives its pod."""
     with watched(tmp_path, bpf_watch, "dead-pod") as (bg, netlink):
         result = bg.result(timeout=SCENARIO_DEADLINE_S)
         by_netlink = finding(netlink, "dead-endpoint", result)
-        by_bpf = finding(bpf_watch.process, "dead-endpoint", result, timeout=10)
+        by_bpf = finding(bpf_watch.process, "dead-endpoint", result)
         assert netlink.stop() == 0, netlink.stderr.decode()
     record("dead-pod", result, netlink.lines, bpf_watch.process.lines,
            caught={"netlink": by_netlink is not None, "bpf": by_bpf is not None})
@@ -147,3 +154,5 @@ def test_dead_pod_under_ipvs(tmp_path: Path, bpf_watch: SharedWatch) -> None:
     assert_seen_without_a_nat_bit(netlink.lines, result)
     assert by_netlink is not None, "the netlink source reported no dead-endpoint"
     assert_dead_endpoint_names_the_pod(by_netlink, result)
+    assert by_bpf is not None, "the bpf source reported no dead-endpoint"
+    assert_dead_endpoint_names_the_pod(by_bpf, result)
