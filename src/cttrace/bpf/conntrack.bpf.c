@@ -107,6 +107,21 @@ static __always_inline int ctt_translated(unsigned long status,
 	       !ctt_addr_eq((const __u8 *)&orig->dst.u3, (const __u8 *)&reply->src.u3);
 }
 
+/* Read ct's tuples and status; 1 for a TCP entry whose destination was translated.
+ * The reply tuple is read only for TCP entries. */
+static __always_inline int ctt_read_translated_tcp(const struct nf_conn *ct,
+						   struct nf_conntrack_tuple *orig,
+						   struct nf_conntrack_tuple *reply,
+						   unsigned long *status)
+{
+	CTT_READ(*orig, ct, struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple);
+	if (orig->dst.protonum != IPPROTO_TCP)
+		return 0;
+	CTT_READ(*reply, ct, struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple);
+	CTT_READ(*status, ct, struct nf_conn, status);
+	return ctt_translated(*status, orig, reply);
+}
+
 /* Fill ev with what the kernel holds for ct, whose tuples and status were read
  * already (with one explicit bpf_probe_read_kernel each: see maps.bpf.c). */
 static __always_inline void ctt_read_entry(struct ctt_ct_event *ev,
@@ -148,14 +163,7 @@ static __always_inline int ctt_confirm_read(struct sk_buff *skb, struct ctt_ct_e
 	if (!ct)
 		return 0;
 
-	CTT_READ(orig, ct, struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple);
-	if (orig.dst.protonum != IPPROTO_TCP) {
-		ctt_count(CTT_CNT_FILTERED);
-		return 0;
-	}
-	CTT_READ(reply, ct, struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple);
-	CTT_READ(status, ct, struct nf_conn, status);
-	if (!ctt_translated(status, &orig, &reply)) {
+	if (!ctt_read_translated_tcp(ct, &orig, &reply, &status)) {
 		ctt_count(CTT_CNT_FILTERED);
 		return 0;
 	}
@@ -485,12 +493,7 @@ static __always_inline int ctt_should_be_tracked(const struct nf_conn *ct)
 	struct nf_conntrack_tuple orig = {}, reply = {};
 	unsigned long status = 0;
 
-	CTT_READ(orig, ct, struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple);
-	if (orig.dst.protonum != IPPROTO_TCP)
-		return 0;
-	CTT_READ(reply, ct, struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple);
-	CTT_READ(status, ct, struct nf_conn, status);
-	if (!(status & IPS_CONFIRMED) || !ctt_translated(status, &orig, &reply))
+	if (!ctt_read_translated_tcp(ct, &orig, &reply, &status) || !(status & IPS_CONFIRMED))
 		return 0;
 	return !CTT_NETNS_INO || ctt_ct_netns(ct) == CTT_NETNS_INO;
 }
