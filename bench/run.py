@@ -379,10 +379,10 @@ def _bpf_section(bpf: object,
         "noisier).", "",
         "What the kernel side did, per connection (rounds with probes summed; a record is emitted "
         "into the ring buffer and delivered to userspace, or lost; filtered = dropped in the "
-        "kernel before any record is written: entries that are not NATed TCP of the node's "
-        "namespace, and state changes no rule needs). The last column is one more storm "
-        "with the probes attached, straight to the web pod's IP (no Service, no NAT): "
-        "every entry is filtered in the kernel.", "",
+        "kernel before any record is written: entries that are not translated (DNAT or IPVS) "
+        "TCP of the node's namespace, and state changes no rule needs). The last column is "
+        "one more storm with the probes attached, straight to the web pod's IP (no Service, "
+        "no NAT): every entry is filtered in the kernel.", "",
         "| per connection | through the Service | straight to the pod IP |",
         "|---|---:|---:|",
     ]

@@ -487,7 +487,7 @@ class BpfSource:
             # bpf_perf_event_output both return -ENOSPC), so perf's own lost
             # records are the same events counted again: shown, not added.
             self._stats.lost = sum(counters[slot] for slot in _LOST_SLOTS)
-            self._stats.filtered = counters[CNT_FILTERED]  # entries: not NATed TCP, other netns
+            self._stats.filtered = counters[CNT_FILTERED]  # not translated TCP, other netns
             # State changes of tracked entries that no rule needs, also dropped in the kernel.
             self._stats.extra["filtered_transitions"] = counters[CNT_FILTERED_TRANSITION]
             self._stats.extra["confirm_not_accepted"] = counters[CNT_NOT_ACCEPTED]
